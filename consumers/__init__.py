@@ -1,0 +1,1 @@
+"""Downstream consumer groups of the pipeline, each run as its own process."""

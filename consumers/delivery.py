@@ -1,0 +1,86 @@
+"""Critical completion consumer: writes each job's result manifest exactly once.
+
+The manifest file is the acknowledgement. It is written to a temporary name and renamed,
+so a crash leaves either no manifest (the record is redelivered) or a whole one; a
+redelivered completion whose manifest already exists is skipped, which applies each job
+at most once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+
+from aiokafka import ConsumerRecord
+from opentelemetry.trace import Span
+
+from consumers.record_loop import run_record_loop
+from schemas.events import JobCompleted
+from streams.config import Settings, load_settings
+from streams.service import serve
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "delivery"
+
+
+def manifest_path(delivery_dir: Path, job_id: str) -> Path:
+    return delivery_dir / f"{job_id}.json"
+
+
+def write_manifest(delivery_dir: Path, completed: JobCompleted) -> bool:
+    """Write the job's manifest; returns False when it was already delivered."""
+    path = manifest_path(delivery_dir, completed.job_id)
+    if path.exists():
+        return False
+    delivery_dir.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "job_id": completed.job_id,
+        "tenant_id": completed.tenant_id,
+        "user_id": completed.user_id,
+        "status": completed.status.value,
+        "requested_slots": completed.requested_slots,
+        "slots": [slot.model_dump(mode="json") for slot in completed.slots],
+        "attempts": completed.attempts,
+        "requested_at": completed.requested_at.isoformat(),
+        "completed_at": completed.completed_at.isoformat(),
+        "reason": completed.reason,
+    }
+    temporary = path.with_suffix(f".tmp{os.getpid()}")
+    with open(temporary, "w") as handle:
+        json.dump(manifest, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    return True
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    delivery_dir = settings.delivery_dir
+
+    async def handle(completed: JobCompleted, record: ConsumerRecord[bytes, bytes],
+                     span: Span) -> None:
+        written = await asyncio.to_thread(write_manifest, delivery_dir, completed)
+        span.set_attribute("slotforge.delivery.duplicate", not written)
+        if written:
+            logger.info("Delivered job %s (%s)", completed.job_id, completed.status.value)
+        else:
+            logger.info("Skipped job %s: already delivered", completed.job_id)
+
+    await run_record_loop(
+        settings, stop,
+        service_name=SERVICE_NAME, stage="delivery",
+        topic=settings.topics.jobs_completed, group_id=settings.consumers.critical_group_id,
+        expected=(JobCompleted,), handle=handle,
+    )
+
+
+def main() -> int:
+    return serve(SERVICE_NAME, run, load_settings())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

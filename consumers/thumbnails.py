@@ -1,0 +1,76 @@
+"""Best-effort completion consumer: writes a small thumbnail beside each delivered image.
+
+It may lag or fail without slowing any job: a missing or unreadable artifact is logged
+and skipped, never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from urllib.parse import urlparse
+
+from aiokafka import ConsumerRecord
+from opentelemetry.trace import Span
+from PIL import Image, UnidentifiedImageError
+
+from consumers.record_loop import run_record_loop
+from schemas.events import JobCompleted
+from streams.config import Settings, load_settings
+from streams.service import serve
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "thumbnails"
+
+
+def thumbnail_path(artifact: Path) -> Path:
+    return artifact.with_name(f"{artifact.stem}.thumb.png")
+
+
+def write_thumbnail(artifact_uri: str, size_px: int) -> Path | None:
+    """Write a thumbnail for a ``file://`` artifact; returns None when it cannot be read."""
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme != "file":
+        logger.warning("Skipping thumbnail for %s: only file:// artifacts are supported",
+                       artifact_uri)
+        return None
+    source = Path(parsed.path)
+    try:
+        with Image.open(source) as image:
+            image.thumbnail((size_px, size_px))
+            target = thumbnail_path(source)
+            image.save(target, format="PNG")
+            return target
+    except (OSError, UnidentifiedImageError) as err:
+        logger.warning("Skipping thumbnail for %s: %s", artifact_uri, err)
+        return None
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    size_px = settings.consumers.thumbnail_px
+
+    async def handle(completed: JobCompleted, record: ConsumerRecord[bytes, bytes],
+                     span: Span) -> None:
+        written = 0
+        for slot in completed.slots:
+            if await asyncio.to_thread(write_thumbnail, slot.artifact_uri, size_px):
+                written += 1
+        span.set_attribute("slotforge.thumbnails.written", written)
+        logger.debug("Wrote %d thumbnails for job %s", written, completed.job_id)
+
+    await run_record_loop(
+        settings, stop,
+        service_name=SERVICE_NAME, stage="thumbnail",
+        topic=settings.topics.jobs_completed, group_id=settings.consumers.best_effort_group_id,
+        expected=(JobCompleted,), handle=handle,
+    )
+
+
+def main() -> int:
+    return serve(SERVICE_NAME, run, load_settings())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

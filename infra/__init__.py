@@ -1,0 +1,1 @@
+"""Local infrastructure: the Kafka broker launcher, topic set-up and ClickHouse schema."""

@@ -1,0 +1,358 @@
+"""ClickHouse access for spans: client set-up, the ``otel_traces`` schema and span inserts.
+
+clickhouse-connect is the only client. The default DSN ``chdb:///abs/dir`` runs the embedded
+chDB engine inside this process; an ``http(s)://`` DSN reaches a ClickHouse server with the
+same SQL. chDB allows one engine per process and one process per data directory, so while
+the span sink runs, no other process can open its store.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Final
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import Error as ClickHouseClientError
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.errors import SlotforgeError
+from streams.config import ClickHouseSettings
+
+# Stored columns of the exporter's otel_traces table, in table order, as system.columns
+# lists them. Nested columns are stored as parallel arrays named ``Events.Timestamp`` etc.
+SPAN_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
+    ("Timestamp", "DateTime64(9)"),
+    ("TraceId", "String"),
+    ("SpanId", "String"),
+    ("ParentSpanId", "String"),
+    ("TraceState", "String"),
+    ("SpanName", "LowCardinality(String)"),
+    ("SpanKind", "LowCardinality(String)"),
+    ("ServiceName", "LowCardinality(String)"),
+    ("ResourceAttributes", "Map(LowCardinality(String), String)"),
+    ("ScopeName", "String"),
+    ("ScopeVersion", "String"),
+    ("SpanAttributes", "Map(LowCardinality(String), String)"),
+    ("Duration", "UInt64"),
+    ("StatusCode", "LowCardinality(String)"),
+    ("StatusMessage", "String"),
+    ("Events.Timestamp", "Array(DateTime64(9))"),
+    ("Events.Name", "Array(LowCardinality(String))"),
+    ("Events.Attributes", "Array(Map(LowCardinality(String), String))"),
+    ("Links.TraceId", "Array(String)"),
+    ("Links.SpanId", "Array(String)"),
+    ("Links.TraceState", "Array(String)"),
+    ("Links.Attributes", "Array(Map(LowCardinality(String), String))"),
+)
+SPAN_COLUMN_NAMES: Final[tuple[str, ...]] = tuple(name for name, _ in SPAN_COLUMNS)
+SPAN_COLUMN_TYPES: Final[tuple[str, ...]] = tuple(type_name for _, type_name in SPAN_COLUMNS)
+
+# An optional database and a table name, each a plain ClickHouse identifier.
+_TABLE_PATTERN = re.compile(r"^(?:([A-Za-z_][A-Za-z0-9_]*)\.)?([A-Za-z_][A-Za-z0-9_]*)$")
+_PID_PATTERN = re.compile(r"^PID:\s*(\d+)", re.MULTILINE)
+
+# DateTime64(9) stores signed 64-bit nanoseconds, so it ends at 2262-04-11.
+MAX_TIMESTAMP_NS: Final = 2**63 - 1
+MAX_UINT64: Final = 2**64 - 1
+
+
+class ClickHouseStoreError(SlotforgeError):
+    """ClickHouse could not be opened or queried; a later retry may succeed."""
+
+    retriable = True
+
+
+class StoreLockedError(ClickHouseStoreError):
+    """Another process holds the chDB data directory, usually a running span sink."""
+
+
+class SpanTableMissingError(ClickHouseStoreError):
+    """The chDB store or the span table does not exist yet."""
+
+    retriable = False
+
+
+class SchemaMismatchError(ClickHouseStoreError):
+    """The span table exists but lacks a column of the otel_traces layout or has another type."""
+
+    retriable = False
+
+
+def split_table(table: str) -> tuple[str | None, str]:
+    """Split ``[database.]table`` into its parts, raising ValueError on any other spelling."""
+    match = _TABLE_PATTERN.match(table)
+    if match is None:
+        raise ValueError(
+            f"invalid ClickHouse table name {table!r}: use letters, digits and underscores, "
+            "optionally prefixed by a database name and a dot (SLOTFORGE_CLICKHOUSE__TABLE)"
+        )
+    return match.group(1), match.group(2)
+
+
+def quote_table(table: str) -> str:
+    """Return ``[database.]table`` as a backtick-quoted SQL identifier."""
+    database, name = split_table(table)
+    if database is None:
+        return f"`{name}`"
+    return f"`{database}`.`{name}`"
+
+
+def load_sql(file_name: str, table: str) -> str:
+    """Read a statement from ``infra/sql`` and put the quoted table name in place of {table}."""
+    text = resources.files("infra").joinpath("sql", file_name).read_text(encoding="utf-8")
+    return text.replace("{table}", quote_table(table))
+
+
+def chdb_directory(dsn: str) -> Path | None:
+    """Return the data directory of a ``chdb://`` DSN, or None for in-memory and server DSNs."""
+    parsed = urlsplit(dsn)
+    if parsed.scheme != "chdb":
+        return None
+    # chdb:///abs/dir names a directory; chdb://memory names the in-memory engine.
+    if parsed.netloc:
+        return None
+    if parsed.path in ("", "/"):
+        return None
+    return Path(unquote(parsed.path))
+
+
+def redact_dsn(dsn: str) -> str:
+    """Return the DSN with any password replaced by ``***``, safe for logs and messages."""
+    parsed = urlsplit(dsn)
+    if parsed.password is None:
+        return dsn
+    host = parsed.netloc.rpartition("@")[2]
+    netloc = f"{parsed.username or ''}:***@{host}"
+    return urlunsplit((parsed.scheme, netloc, parsed.path, parsed.query, parsed.fragment))
+
+
+def lock_holder(directory: Path) -> int | None:
+    """Return the pid that locks a chDB data directory, 0 when it is locked by an unknown pid.
+
+    Returns None when no other process holds the lock. ClickHouse takes an exclusive
+    ``flock`` on ``<directory>/status`` and writes ``PID: <pid>`` into that file.
+    Probing from a process that has the same directory open itself reports it as locked.
+    """
+    status_path = directory / "status"
+    try:
+        descriptor = os.open(status_path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+        else:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+            return None
+        match = _PID_PATTERN.search(os.read(descriptor, 4_096).decode("utf-8", "replace"))
+        return int(match.group(1)) if match else 0
+    finally:
+        os.close(descriptor)
+
+
+def _locked_store_message(directory: Path, pid: int) -> str:
+    holder = f"process {pid}" if pid else "another process"
+    return (
+        f"ClickHouse store {directory} is locked by {holder}. The embedded chDB engine "
+        "allows one process per data directory, and the span sink (python -m "
+        "consumers.span_sink) owns the store while it runs. Stop the span sink to read the "
+        "store, or set SLOTFORGE_CLICKHOUSE__DSN to an http(s):// ClickHouse server that "
+        "several processes can share."
+    )
+
+
+def _raise_if_locked(directory: Path, cause: Exception | None = None) -> None:
+    pid = lock_holder(directory)
+    # This process's own lock is fine: further chDB clients on the same path share its engine.
+    if pid is None or pid == os.getpid():
+        return
+    raise StoreLockedError(_locked_store_message(directory, pid)) from cause
+
+
+def open_client(settings: ClickHouseSettings, *, create_store: bool = True) -> Client:
+    """Open a clickhouse-connect client for ``settings.dsn``; the caller must close it.
+
+    A ``chdb://`` directory is created when missing, unless ``create_store`` is false.
+    Raises StoreLockedError when another process holds the chDB directory,
+    SpanTableMissingError when the directory is missing and may not be created, and
+    ClickHouseStoreError for any other failure to connect.
+    """
+    directory = chdb_directory(settings.dsn)
+    if directory is not None:
+        if not directory.is_dir():
+            if not create_store:
+                raise SpanTableMissingError(
+                    f"ClickHouse store {directory} does not exist, so no spans were stored "
+                    "yet. Run the span sink (python -m consumers.span_sink) to create it."
+                )
+            directory.mkdir(parents=True, exist_ok=True)
+        # Probe first: chDB reports a held lock only as "Error initializing EmbeddedServer".
+        _raise_if_locked(directory)
+
+    try:
+        return clickhouse_connect.get_client(dsn=settings.dsn)
+    except ClickHouseClientError as err:
+        # The lock may have been taken between the probe and the open.
+        if directory is not None:
+            _raise_if_locked(directory, cause=err)
+        raise ClickHouseStoreError(
+            f"failed to open ClickHouse at {redact_dsn(settings.dsn)}: {err}"
+        ) from err
+
+
+def table_exists(client: Client, table: str) -> bool:
+    database, name = split_table(table)
+    result = client.query(
+        "SELECT count() FROM system.tables "
+        "WHERE database = coalesce({database:Nullable(String)}, currentDatabase()) "
+        "AND name = {name:String}",
+        parameters={"database": database, "name": name},
+    )
+    return bool(result.result_rows[0][0])
+
+
+def table_columns(client: Client, table: str) -> list[tuple[str, str]]:
+    """Return the stored columns of a table as (name, type) in table order.
+
+    ALIAS and MATERIALIZED columns are left out because an insert does not write them.
+    """
+    database, name = split_table(table)
+    result = client.query(
+        "SELECT name, type FROM system.columns "
+        "WHERE database = coalesce({database:Nullable(String)}, currentDatabase()) "
+        "AND table = {name:String} AND default_kind NOT IN ('ALIAS', 'MATERIALIZED') "
+        "ORDER BY position",
+        parameters={"database": database, "name": name},
+    )
+    return [(str(column), str(type_name)) for column, type_name in result.result_rows]
+
+
+def ensure_schema(client: Client, table: str) -> None:
+    """Create the span table when missing, then check that it has every otel_traces column.
+
+    Raises SchemaMismatchError naming each missing or differently typed column, because an
+    insert into such a table would fail on every batch.
+    """
+    client.command(load_sql("otel_traces.sql", table))
+
+    existing = dict(table_columns(client, table))
+    problems = []
+    for name, expected_type in SPAN_COLUMNS:
+        actual_type = existing.get(name)
+        if actual_type is None:
+            problems.append(f"{name} is missing")
+        elif actual_type != expected_type:
+            problems.append(f"{name} is {actual_type}, expected {expected_type}")
+    if problems:
+        raise SchemaMismatchError(
+            f"table {table} does not match the otel_traces layout: {'; '.join(problems)}. "
+            "Drop or rename it, or set SLOTFORGE_CLICKHOUSE__TABLE to another table."
+        )
+
+
+class _RowModel(BaseModel):
+    # Strict: a span row must carry exactly the JSON types that streams.tracing.span_to_row
+    # writes, so a batch never fails in ClickHouse on a value it cannot convert.
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+TimestampNs = Annotated[int, Field(ge=0, le=MAX_TIMESTAMP_NS)]
+AttributeMap = dict[str, str]
+
+
+class SpanEvent(_RowModel):
+    """One entry of a span's ``Events`` column."""
+
+    Timestamp: TimestampNs
+    Name: str
+    Attributes: AttributeMap = Field(default_factory=dict)
+
+
+class SpanLink(_RowModel):
+    """One entry of a span's ``Links`` column."""
+
+    TraceId: str
+    SpanId: str
+    TraceState: str = ""
+    Attributes: AttributeMap = Field(default_factory=dict)
+
+
+class SpanRow(_RowModel):
+    """One span as a JSON row on the spans topic; field names are the otel_traces columns.
+
+    Timestamps and Duration are integer nanoseconds.
+    """
+
+    Timestamp: TimestampNs
+    TraceId: str = Field(min_length=1)
+    SpanId: str = Field(min_length=1)
+    ParentSpanId: str = ""
+    TraceState: str = ""
+    SpanName: str
+    SpanKind: str = "Internal"
+    ServiceName: str = ""
+    ResourceAttributes: AttributeMap = Field(default_factory=dict)
+    ScopeName: str = ""
+    ScopeVersion: str = ""
+    SpanAttributes: AttributeMap = Field(default_factory=dict)
+    Duration: Annotated[int, Field(ge=0, le=MAX_UINT64)]
+    StatusCode: str = "Unset"
+    StatusMessage: str = ""
+    Events: list[SpanEvent] = Field(default_factory=list)
+    Links: list[SpanLink] = Field(default_factory=list)
+
+    def column_values(self) -> list[Any]:
+        """Return the row's values in SPAN_COLUMNS order, nested columns as parallel lists."""
+        return [
+            self.Timestamp,
+            self.TraceId,
+            self.SpanId,
+            self.ParentSpanId,
+            self.TraceState,
+            self.SpanName,
+            self.SpanKind,
+            self.ServiceName,
+            self.ResourceAttributes,
+            self.ScopeName,
+            self.ScopeVersion,
+            self.SpanAttributes,
+            self.Duration,
+            self.StatusCode,
+            self.StatusMessage,
+            [event.Timestamp for event in self.Events],
+            [event.Name for event in self.Events],
+            [event.Attributes for event in self.Events],
+            [link.TraceId for link in self.Links],
+            [link.SpanId for link in self.Links],
+            [link.TraceState for link in self.Links],
+            [link.Attributes for link in self.Links],
+        ]
+
+
+def insert_spans(client: Client, table: str, rows: Sequence[Sequence[Any]]) -> None:
+    """Insert rows made by ``SpanRow.column_values`` in one INSERT.
+
+    Passing the column types skips the DESCRIBE round trip that clickhouse-connect would
+    otherwise make before each insert.
+    """
+    if not rows:
+        return
+    database, name = split_table(table)
+    client.insert(
+        name,
+        rows,
+        column_names=list(SPAN_COLUMN_NAMES),
+        database=database,
+        column_type_names=list(SPAN_COLUMN_TYPES),
+    )

@@ -1,0 +1,381 @@
+"""Pydantic models for every event on the slotforge topics, with a schema version each.
+
+Every record value is one JSON object carrying ``event_type`` and ``schema_version``.
+Producers in other languages use the JSON Schema that ``slotforge schemas export`` writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+
+from schemas.errors import EventDecodeError
+
+SCHEMA_VERSION = 1
+
+# Bounds that reject absurd requests before they reach a GPU.
+MAX_PROMPT_CHARS = 4_000
+MAX_SLOTS = 64
+MAX_STEPS = 500
+MIN_SIDE_PX = 8
+MAX_SIDE_PX = 2_048
+MAX_RECORD_BYTES = 1_000_000
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Tier(StrEnum):
+    """Queue tier of a job; each tier has its own attempts topic."""
+
+    INTERACTIVE = "interactive"
+    STANDARD = "standard"
+    BATCH = "batch"
+
+
+class AttemptStatus(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class JobStatus(StrEnum):
+    """Terminal state of a job that was admitted."""
+
+    COMPLETED = "completed"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+
+
+def normalize_prompt(prompt: str) -> str:
+    """Fold case, Unicode form and whitespace so trivially different prompts share a cache key."""
+    folded = unicodedata.normalize("NFKC", prompt).casefold()
+    return " ".join(folded.split())
+
+
+class GenerationParams(_Model):
+    """What to generate: the model, the prompt and the sampler settings."""
+
+    model: str = Field(min_length=1, max_length=200)
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    steps: int = Field(ge=1, le=MAX_STEPS)
+    width: int = Field(default=32, ge=MIN_SIDE_PX, le=MAX_SIDE_PX)
+    height: int = Field(default=32, ge=MIN_SIDE_PX, le=MAX_SIDE_PX)
+    guidance_scale: float = Field(default=7.5, ge=0.0, le=50.0)
+    scheduler: str = Field(default="ddim", min_length=1, max_length=64)
+    loras: tuple[str, ...] = Field(default=(), max_length=16)
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8 != 0:
+            raise ValueError(f"must be a multiple of 8, got {value}")
+        return value
+
+
+def cache_key(tenant_id: str, user_id: str, params: GenerationParams) -> str:
+    """Hash tenant, user, normalized prompt and generation parameters into the job's key.
+
+    The key partitions ``jobs.requested``, so identical requests meet on one coordinator
+    partition; it starts with the tenant so no two tenants can ever share a key.
+    """
+    material = {
+        "tenant": tenant_id,
+        "user": user_id,
+        "prompt": normalize_prompt(params.prompt),
+        "negative_prompt": normalize_prompt(params.negative_prompt),
+        "model": params.model,
+        "steps": params.steps,
+        "width": params.width,
+        "height": params.height,
+        "guidance_scale": params.guidance_scale,
+        "scheduler": params.scheduler,
+        "loras": list(params.loras),
+    }
+    digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+    return f"{tenant_id}:{digest[:32]}"
+
+
+class _Event(_Model):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: str = Field(default_factory=new_id, min_length=1, max_length=64)
+    emitted_at: AwareDatetime = Field(default_factory=utc_now)
+
+
+class JobRequested(_Event):
+    """A client asks for ``slots`` accepted generations for one prompt."""
+
+    event_type: Literal["job.requested"] = "job.requested"
+    job_id: str = Field(default_factory=new_id, min_length=1, max_length=64)
+    tenant_id: str = Field(min_length=1, max_length=128)
+    user_id: str = Field(min_length=1, max_length=128)
+    params: GenerationParams
+    slots: int = Field(ge=1, le=MAX_SLOTS)
+    tier: Tier = Tier.STANDARD
+    deadline_s: float = Field(default=600.0, gt=0, le=86_400)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    requested_at: AwareDatetime = Field(default_factory=utc_now)
+
+    @property
+    def job_key(self) -> str:
+        return cache_key(self.tenant_id, self.user_id, self.params)
+
+
+class AttemptDispatched(_Event):
+    """The coordinator asks a GPU worker to run one generation for a job."""
+
+    event_type: Literal["attempt.dispatched"] = "attempt.dispatched"
+    attempt_id: str = Field(min_length=1, max_length=64)
+    job_id: str = Field(min_length=1, max_length=64)
+    job_key: str = Field(min_length=1, max_length=200)
+    tenant_id: str = Field(min_length=1, max_length=128)
+    slot: int = Field(ge=0, lt=MAX_SLOTS)
+    attempt_no: int = Field(ge=1)
+    epoch: int = Field(default=1, ge=1)
+    params: GenerationParams
+    seed: int = Field(ge=0, lt=2**63)
+    tier: Tier
+    dispatched_at: AwareDatetime = Field(default_factory=utc_now)
+    deadline_at: AwareDatetime
+
+
+class _AttemptEvent(_Event):
+    attempt_id: str = Field(min_length=1, max_length=64)
+    job_id: str = Field(min_length=1, max_length=64)
+    job_key: str = Field(min_length=1, max_length=200)
+    epoch: int = Field(default=1, ge=1)
+
+
+class AttemptStarted(_AttemptEvent):
+    event_type: Literal["attempt.started"] = "attempt.started"
+    worker_id: str = Field(min_length=1, max_length=128)
+    started_at: AwareDatetime = Field(default_factory=utc_now)
+
+
+class AttemptProgress(_AttemptEvent):
+    """A denoising-step heartbeat from the worker running the attempt."""
+
+    event_type: Literal["attempt.progress"] = "attempt.progress"
+    worker_id: str = Field(min_length=1, max_length=128)
+    step: int = Field(ge=0)
+    total_steps: int = Field(ge=1)
+
+
+class AttemptFinished(_AttemptEvent):
+    event_type: Literal["attempt.finished"] = "attempt.finished"
+    worker_id: str = Field(min_length=1, max_length=128)
+    status: AttemptStatus
+    slot: int = Field(ge=0, lt=MAX_SLOTS)
+    artifact_uri: str | None = None
+    gpu_s: float = Field(ge=0)
+    error_type: str | None = None
+    error: str | None = Field(default=None, max_length=2_000)
+    retriable: bool = False
+
+
+class ResultScored(_AttemptEvent):
+    """Post-processing verdict on one generated image."""
+
+    event_type: Literal["result.scored"] = "result.scored"
+    slot: int = Field(ge=0, lt=MAX_SLOTS)
+    artifact_uri: str
+    score: float
+    accepted: bool
+    reason: str = Field(max_length=500)
+
+
+class SlotResult(_Model):
+    slot: int = Field(ge=0, lt=MAX_SLOTS)
+    attempt_id: str
+    artifact_uri: str
+    score: float
+    fallback: bool = False
+
+
+class JobCompleted(_Event):
+    """A job reached a terminal state other than rejection."""
+
+    event_type: Literal["job.completed"] = "job.completed"
+    job_id: str = Field(min_length=1, max_length=64)
+    job_key: str = Field(min_length=1, max_length=200)
+    tenant_id: str = Field(min_length=1, max_length=128)
+    user_id: str = Field(min_length=1, max_length=128)
+    status: JobStatus
+    requested_slots: int = Field(ge=1, le=MAX_SLOTS)
+    slots: list[SlotResult]
+    attempts: int = Field(ge=0)
+    tier: Tier
+    requested_at: AwareDatetime
+    completed_at: AwareDatetime = Field(default_factory=utc_now)
+    reason: str | None = None
+
+
+class JobRejected(_Event):
+    """The coordinator will not run the job; ``retry_after_s`` says when to ask again."""
+
+    event_type: Literal["job.rejected"] = "job.rejected"
+    job_id: str = Field(min_length=1, max_length=64)
+    tenant_id: str = Field(min_length=1, max_length=128)
+    reason: str = Field(max_length=2_000)
+    retry_after_s: float | None = Field(default=None, ge=0)
+    requested_at: AwareDatetime | None = None
+
+
+class JobSweep(_Event):
+    """A coordinator timer asks the job's partition owner to end or forget the job."""
+
+    event_type: Literal["job.sweep"] = "job.sweep"
+    job_id: str = Field(min_length=1, max_length=64)
+    job_key: str = Field(min_length=1, max_length=200)
+    action: Literal["deadline", "expire"]
+
+
+class DeadLetter(_Event):
+    """A record that no consumer could process, with where it came from and why."""
+
+    event_type: Literal["dead.letter"] = "dead.letter"
+    source_topic: str
+    partition: int
+    offset: int
+    consumer_group: str
+    key_b64: str | None = None
+    payload_b64: str
+    error_type: str
+    reason: str = Field(max_length=4_000)
+
+
+Event = Annotated[
+    JobRequested
+    | AttemptDispatched
+    | AttemptStarted
+    | AttemptProgress
+    | AttemptFinished
+    | ResultScored
+    | JobCompleted
+    | JobRejected
+    | JobSweep
+    | DeadLetter,
+    Field(discriminator="event_type"),
+]
+
+EVENT_TYPES: dict[str, type[BaseModel]] = {
+    model.model_fields["event_type"].default: model
+    for model in (
+        JobRequested,
+        AttemptDispatched,
+        AttemptStarted,
+        AttemptProgress,
+        AttemptFinished,
+        ResultScored,
+        JobCompleted,
+        JobRejected,
+        JobSweep,
+        DeadLetter,
+    )
+}
+
+_EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(Event)
+
+
+def encode_event(event: BaseModel) -> bytes:
+    return event.model_dump_json().encode()
+
+
+def _summarize(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors()[:5]:
+        location = ".".join(str(part) for part in item["loc"]) or "<root>"
+        parts.append(f"{location}: {item['msg']}")
+    more = error.error_count() - len(parts)
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)
+
+
+def decode_event(data: bytes | None, *expected: type[BaseModel]) -> Any:
+    """Decode one record value into its event model.
+
+    Args:
+        data: the raw record value.
+        expected: event classes the caller accepts; any other type is an error.
+
+    Raises:
+        EventDecodeError: with ``error_type`` one of ``empty``, ``too_large``, ``encoding``,
+            ``json``, ``not_object``, ``unknown_type``, ``unsupported_version``,
+            ``unexpected_type`` or ``validation``.
+    """
+    if not data:
+        raise EventDecodeError("record value is empty", error_type="empty")
+    if len(data) > MAX_RECORD_BYTES:
+        raise EventDecodeError(
+            f"record value is {len(data)} bytes, over the {MAX_RECORD_BYTES}-byte limit",
+            error_type="too_large",
+        )
+
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise EventDecodeError(f"record value is not UTF-8: {err}", error_type="encoding") from err
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise EventDecodeError(f"record value is not JSON: {err}", error_type="json") from err
+    if not isinstance(raw, dict):
+        raise EventDecodeError(
+            f"record value is a JSON {type(raw).__name__}, expected an object",
+            error_type="not_object",
+        )
+
+    event_type = raw.get("event_type")
+    model = EVENT_TYPES.get(event_type) if isinstance(event_type, str) else None
+    if model is None:
+        raise EventDecodeError(
+            f"unknown event_type {event_type!r}; known types: {', '.join(sorted(EVENT_TYPES))}",
+            error_type="unknown_type",
+        )
+    version = raw.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise EventDecodeError(
+            f"unsupported schema_version {version!r} for {event_type}; "
+            f"this consumer reads version {SCHEMA_VERSION}",
+            error_type="unsupported_version",
+        )
+    if expected and model not in expected:
+        names = ", ".join(cls.model_fields["event_type"].default for cls in expected)
+        raise EventDecodeError(
+            f"event_type {event_type} is not expected on this topic (expected {names})",
+            error_type="unexpected_type",
+        )
+
+    try:
+        return _EVENT_ADAPTER.validate_python(raw)
+    except ValidationError as err:
+        raise EventDecodeError(
+            f"invalid {event_type} event: {_summarize(err)}", error_type="validation"
+        ) from err

@@ -1,0 +1,74 @@
+"""Topic names, derived once from the configured prefix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from schemas.events import Tier
+
+
+@dataclass(frozen=True)
+class TopicNames:
+    """Every topic the pipeline uses, under one prefix so several pipelines share a cluster."""
+
+    prefix: str = "slotforge."
+
+    def _name(self, suffix: str) -> str:
+        return f"{self.prefix}{suffix}"
+
+    @property
+    def jobs_requested(self) -> str:
+        return self._name("jobs.requested")
+
+    @property
+    def coordinator_events(self) -> str:
+        """Attempt and scoring events, co-partitioned with ``jobs_requested`` by job key."""
+        return self._name("coordinator.events")
+
+    def attempts(self, tier: Tier) -> str:
+        return self._name(f"attempts.{tier.value}")
+
+    @property
+    def generated(self) -> str:
+        """Finished generations waiting for post-processing."""
+        return self._name("results.generated")
+
+    @property
+    def jobs_completed(self) -> str:
+        return self._name("jobs.completed")
+
+    @property
+    def jobs_rejected(self) -> str:
+        return self._name("jobs.rejected")
+
+    @property
+    def control(self) -> str:
+        """Cancellation and other commands from the coordinator to workers."""
+        return self._name("attempts.control")
+
+    @property
+    def spans(self) -> str:
+        return self._name("spans")
+
+    @property
+    def deadletter(self) -> str:
+        return self._name("deadletter")
+
+    @property
+    def co_partitioned(self) -> list[str]:
+        """Topics that must share the partition count of ``jobs_requested``."""
+        return [self.jobs_requested, self.coordinator_events]
+
+    @property
+    def all(self) -> list[str]:
+        return [
+            self.jobs_requested,
+            self.coordinator_events,
+            *(self.attempts(tier) for tier in Tier),
+            self.generated,
+            self.jobs_completed,
+            self.jobs_rejected,
+            self.control,
+            self.spans,
+            self.deadletter,
+        ]

@@ -1,0 +1,1 @@
+"""Kafka-native core of slotforge: coordinator, client, tracing, replay and the CLI."""

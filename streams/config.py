@@ -1,0 +1,188 @@
+"""Settings for every slotforge process, read once from ``SLOTFORGE_*`` variables.
+
+Nested groups use a double underscore, for example ``SLOTFORGE_KAFKA__BOOTSTRAP_SERVERS``.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.errors import ConfigurationError
+from schemas.topics import TopicNames
+
+LOCAL_DIR = Path(".local")
+
+
+class KafkaSettings(BaseModel):
+    """Connection to the Kafka cluster, passed unchanged to every aiokafka and faust client."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    topic_prefix: str = "slotforge."
+    partitions: int = Field(default=6, ge=1, le=1_000)
+    replication_factor: int = Field(default=1, ge=1, le=10)
+    request_timeout_ms: int = Field(default=30_000, ge=1_000)
+
+    @model_validator(mode="after")
+    def _check_security(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL"):
+            if not self.sasl_mechanism:
+                raise ValueError(
+                    "SLOTFORGE_KAFKA__SASL_MECHANISM is required when security_protocol "
+                    f"is {self.security_protocol}; set PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
+                )
+            if not self.sasl_username or self.sasl_password is None:
+                raise ValueError(
+                    "SLOTFORGE_KAFKA__SASL_USERNAME and SLOTFORGE_KAFKA__SASL_PASSWORD are "
+                    f"required for SASL mechanism {self.sasl_mechanism}"
+                )
+        return self
+
+    @property
+    def topics(self) -> TopicNames:
+        return TopicNames(self.topic_prefix)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if self.security_protocol not in ("SSL", "SASL_SSL"):
+            return None
+        context = ssl.create_default_context(
+            cafile=str(self.ssl_cafile) if self.ssl_cafile else None
+        )
+        if self.ssl_certfile:
+            context.load_cert_chain(
+                str(self.ssl_certfile), str(self.ssl_keyfile) if self.ssl_keyfile else None
+            )
+        return context
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments shared by aiokafka producers, consumers and admin clients."""
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        context = self.ssl_context()
+        if context is not None:
+            options["ssl_context"] = context
+        if self.sasl_mechanism:
+            options["sasl_mechanism"] = self.sasl_mechanism
+            options["sasl_plain_username"] = self.sasl_username
+            assert self.sasl_password is not None
+            options["sasl_plain_password"] = self.sasl_password.get_secret_value()
+        return options
+
+
+class CoordinatorSettings(BaseModel):
+    app_id: str = "coordinator"
+    max_attempts_per_slot: int = Field(default=4, ge=1, le=100)
+    # Seconds between sweeps that look for jobs past their deadline.
+    sweep_interval_s: float = Field(default=1.0, gt=0)
+    retention_s: float = Field(default=3_600.0, ge=0)
+
+
+class WorkerSettings(BaseModel):
+    group_id: str = "slotforge-gpu"
+    worker_id: str | None = None
+    slots: int = Field(default=2, ge=1, le=256)
+    model_path: str | None = None
+    device: str = "auto"
+    # Emit one progress heartbeat every N denoising steps.
+    progress_every_steps: int = Field(default=1, ge=1)
+
+
+class PostprocessSettings(BaseModel):
+    group_id: str = "slotforge-postprocess"
+    concurrency: int = Field(default=4, ge=1, le=256)
+    accept_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+
+
+class ConsumerSettings(BaseModel):
+    critical_group_id: str = "slotforge-delivery"
+    best_effort_group_id: str = "slotforge-thumbnails"
+    thumbnail_px: int = Field(default=16, ge=4, le=1024)
+
+
+class ClickHouseSettings(BaseModel):
+    dsn: str = f"chdb://{(LOCAL_DIR / 'clickhouse').resolve()}"
+    table: str = "otel_traces"
+    sink_group_id: str = "slotforge-span-sink"
+    batch_rows: int = Field(default=5_000, ge=1)
+    batch_wait_s: float = Field(default=1.0, gt=0)
+
+
+class TracingSettings(BaseModel):
+    enabled: bool = True
+    # Spans waiting for the Kafka producer; past this bound new spans are dropped and counted.
+    max_queue_spans: int = Field(default=20_000, ge=100)
+    redact_prompts: bool = False
+
+
+class Settings(BaseSettings):
+    """All settings of one slotforge process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SLOTFORGE_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    coordinator: CoordinatorSettings = CoordinatorSettings()
+    worker: WorkerSettings = WorkerSettings()
+    postprocess: PostprocessSettings = PostprocessSettings()
+    consumers: ConsumerSettings = ConsumerSettings()
+    clickhouse: ClickHouseSettings = ClickHouseSettings()
+    tracing: TracingSettings = TracingSettings()
+    artifact_dir: Path = LOCAL_DIR / "artifacts"
+    # Result manifests written by the critical delivery consumer, one JSON file per job.
+    delivery_dir: Path = LOCAL_DIR / "deliveries"
+    log_level: str = "INFO"
+
+    @property
+    def topics(self) -> TopicNames:
+        return self.kafka.topics
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment, turning validation errors into one clear message."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as err:
+        lines = []
+        for item in err.errors():
+            field = "__".join(str(part) for part in item["loc"]).upper()
+            lines.append(f"SLOTFORGE_{field}: {item['msg']}")
+        raise ConfigurationError("invalid settings: " + "; ".join(lines)) from err
+
+
+def settings_to_env(settings: Settings) -> dict[str, str]:
+    """Render settings as ``SLOTFORGE_*`` variables, so a child process reads the same values."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump(mode="json").items():
+        if isinstance(value, dict):
+            for field_name, field_value in value.items():
+                if field_value is None:
+                    continue
+                if isinstance(field_value, list | dict):
+                    import json
+
+                    field_value = json.dumps(field_value)
+                key = f"SLOTFORGE_{name.upper()}__{field_name.upper()}"
+                env[key] = str(field_value)
+        elif value is not None:
+            env[f"SLOTFORGE_{name.upper()}"] = str(value)
+    kafka = settings.kafka
+    if kafka.sasl_password is not None:
+        env["SLOTFORGE_KAFKA__SASL_PASSWORD"] = kafka.sasl_password.get_secret_value()
+    return env

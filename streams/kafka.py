@@ -1,0 +1,149 @@
+"""Factories for aiokafka clients and the dead-letter path every consumer shares."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from schemas.errors import EventDecodeError
+from schemas.events import DeadLetter, encode_event
+from streams.config import KafkaSettings
+
+logger = logging.getLogger(__name__)
+
+Headers = list[tuple[str, bytes]]
+
+
+def make_producer(settings: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
+    """Build an idempotent producer: acks from all in-sync replicas, no duplicates on retry."""
+    options: dict[str, Any] = {
+        **settings.client_options(),
+        "enable_idempotence": True,
+        "acks": "all",
+        "linger_ms": 2,
+        "max_request_size": 2_000_000,
+    }
+    options.update(overrides)
+    return AIOKafkaProducer(**options)
+
+
+def make_consumer(
+    settings: KafkaSettings, *topics: str, group_id: str | None, **overrides: Any
+) -> AIOKafkaConsumer:
+    """Build a consumer that commits offsets by hand, after the work a record asked for is done."""
+    options: dict[str, Any] = {
+        **settings.client_options(),
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "max_poll_records": 100,
+        "isolation_level": "read_committed",
+    }
+    options.update(overrides)
+    return AIOKafkaConsumer(*topics, **options)
+
+
+async def create_topics(
+    settings: KafkaSettings, names: Sequence[str], *, partitions: int | None = None
+) -> None:
+    """Create the topics that do not exist yet; existing ones are left as they are."""
+    admin = AIOKafkaAdminClient(**settings.client_options())
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [name for name in names if name not in existing]
+        if not missing:
+            return
+        new_topics = [
+            NewTopic(
+                name,
+                num_partitions=partitions or settings.partitions,
+                replication_factor=settings.replication_factor,
+            )
+            for name in missing
+        ]
+        try:
+            await admin.create_topics(new_topics)
+        except TopicAlreadyExistsError:
+            logger.debug("Topics %s were created concurrently", missing)
+        logger.info("Created topics %s", ", ".join(missing))
+    finally:
+        await admin.close()
+
+
+def header_value(headers: Sequence[tuple[str, bytes]] | None, name: str) -> str | None:
+    """Return a header as text, or None when it is missing or not UTF-8."""
+    for key, value in headers or ():
+        if key == name and value is not None:
+            try:
+                return value.decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+    return None
+
+
+async def send_to_deadletter(
+    producer: AIOKafkaProducer,
+    topic: str,
+    record: ConsumerRecord[bytes, bytes],
+    group_id: str,
+    error: EventDecodeError | Exception,
+) -> None:
+    """Publish an unprocessable record to the dead-letter topic with where it came from and why."""
+    error_type = getattr(error, "error_type", type(error).__name__)
+    reason = getattr(error, "reason", str(error))
+    letter = DeadLetter(
+        source_topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        consumer_group=group_id,
+        key_b64=base64.b64encode(record.key).decode() if record.key else None,
+        payload_b64=base64.b64encode(record.value or b"").decode(),
+        error_type=error_type,
+        reason=reason[:4_000],
+    )
+    headers = [(key, value) for key, value in (record.headers or ()) if isinstance(value, bytes)]
+    await producer.send_and_wait(topic, encode_event(letter), key=record.key, headers=headers)
+    logger.warning(
+        "Sent record to dead-letter topic %s: topic=%s partition=%d offset=%d group=%s "
+        "error_type=%s reason=%s",
+        topic,
+        record.topic,
+        record.partition,
+        record.offset,
+        group_id,
+        error_type,
+        reason[:300],
+    )
+
+
+async def group_lag(settings: KafkaSettings, group_id: str, topic: str) -> int:
+    """Return how many records of ``topic`` the group has not committed yet."""
+    admin = AIOKafkaAdminClient(**settings.client_options())
+    consumer = AIOKafkaConsumer(**settings.client_options(), group_id=None)
+    await admin.start()
+    await consumer.start()
+    try:
+        partitions = [
+            TopicPartition(topic, partition)
+            for partition in consumer.partitions_for_topic(topic) or ()
+        ]
+        if not partitions:
+            return 0
+        ends = await consumer.end_offsets(partitions)
+        committed = await admin.list_consumer_group_offsets(group_id, partitions=partitions)
+        lag = 0
+        for partition in partitions:
+            done = committed.get(partition)
+            position = done.offset if done is not None and done.offset >= 0 else 0
+            lag += max(0, ends[partition] - position)
+        return lag
+    finally:
+        await consumer.stop()
+        await admin.close()

@@ -1,0 +1,70 @@
+"""Process entry point shared by every long-running slotforge service.
+
+A service is a coroutine ``run(settings, stop)``: it works until ``stop`` is set, then stops
+fetching, finishes or hands back in-flight work, commits offsets, flushes its producer and
+returns. SIGTERM and SIGINT set ``stop``; a second signal cancels the service outright.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+from streams.config import Settings
+
+logger = logging.getLogger(__name__)
+
+ServiceMain = Callable[[Settings, asyncio.Event], Awaitable[None]]
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
+    )
+    # aiokafka logs every group join at INFO; that is useful, its heartbeat chatter is not.
+    logging.getLogger("aiokafka.consumer.group_coordinator").setLevel(logging.WARNING)
+
+
+async def _serve(name: str, main: ServiceMain, settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            logger.info("Received %s; stopping %s", signal.Signals(signum).name, name)
+            stop.set()
+        elif task is not None:
+            logger.warning("Received a second signal; cancelling %s", name)
+            task.cancel()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    logger.info("Starting %s (pid %d)", name, os.getpid())
+    try:
+        await main(settings, stop)
+    finally:
+        logger.info("Stopped %s (pid %d)", name, os.getpid())
+
+
+def serve(name: str, main: ServiceMain, settings: Settings) -> int:
+    """Run a service until it returns or a signal stops it; returns the exit status."""
+    configure_logging(settings.log_level)
+    try:
+        asyncio.run(_serve(name, main, settings))
+    except asyncio.CancelledError:
+        return 1
+    except Exception:
+        logger.exception("%s failed", name)
+        return 1
+    return 0
