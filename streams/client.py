@@ -9,13 +9,13 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Self
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from opentelemetry.trace import SpanKind, Tracer
 
 from schemas.errors import EventDecodeError, SlotforgeError
 from schemas.events import JobCompleted, JobRejected, JobRequested, decode_event, encode_event
 from streams.config import KafkaSettings
-from streams.kafka import make_consumer, make_producer
+from streams.kafka import make_consumer, make_producer, topic_partitions
 from streams.tracing import inject_headers, stage_span
 
 logger = logging.getLogger(__name__)
@@ -75,11 +75,11 @@ class SlotforgeClient:
     async def start(self) -> None:
         await self._producer.start()
         await self._consumer.start()
-        partitions: list[TopicPartition] = []
-        for topic in (self.topics.jobs_completed, self.topics.jobs_rejected):
-            for partition in self._consumer.partitions_for_topic(topic) or ():
-                partitions.append(TopicPartition(topic, partition))
+        partitions = await topic_partitions(
+            self.settings, self.topics.jobs_completed, self.topics.jobs_rejected
+        )
         if not partitions:
+            await self.stop()
             raise SlotforgeError(
                 f"topics {self.topics.jobs_completed} and {self.topics.jobs_rejected} do not "
                 "exist; create them with `slotforge topics create`"
@@ -92,6 +92,7 @@ class SlotforgeClient:
         self._listener = asyncio.create_task(self._listen_routine(), name="client-listener")
 
     async def stop(self) -> None:
+        """Stop listening and close the Kafka clients; safe to call twice."""
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):

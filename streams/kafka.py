@@ -77,6 +77,22 @@ async def create_topics(
         await admin.close()
 
 
+async def topic_partitions(settings: KafkaSettings, *topics: str) -> list[TopicPartition]:
+    """List the partitions of existing topics; a missing topic contributes none."""
+    admin = AIOKafkaAdminClient(**settings.client_options())
+    await admin.start()
+    try:
+        described = await admin.describe_topics(list(topics))
+    finally:
+        await admin.close()
+    return [
+        TopicPartition(topic["topic"], partition["partition"])
+        for topic in described
+        if topic.get("error_code", 0) == 0
+        for partition in topic["partitions"]
+    ]
+
+
 def header_value(headers: Sequence[tuple[str, bytes]] | None, name: str) -> str | None:
     """Return a header as text, or None when it is missing or not UTF-8."""
     for key, value in headers or ():
@@ -130,10 +146,7 @@ async def group_lag(settings: KafkaSettings, group_id: str, topic: str) -> int:
     await admin.start()
     await consumer.start()
     try:
-        partitions = [
-            TopicPartition(topic, partition)
-            for partition in consumer.partitions_for_topic(topic) or ()
-        ]
+        partitions = await topic_partitions(settings, topic)
         if not partitions:
             return 0
         ends = await consumer.end_offsets(partitions)

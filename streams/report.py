@@ -46,7 +46,8 @@ def stage_latency(client: Client, table: str) -> dict[str, dict[str, Any]]:
 
 def span_count(client: Client, table: str) -> int:
     """Return the number of spans stored, with or without a stage attribute."""
-    return int(client.command(f"SELECT count() FROM {quote_table(table)}"))
+    result = client.query(f"SELECT count() FROM {quote_table(table)}")
+    return int(result.result_rows[0][0])
 
 
 def build_report(client: Client, table: str) -> dict[str, Any]:
@@ -58,9 +59,7 @@ def format_table(report: dict[str, Any]) -> str:
     header = ("stage", "count", *_LATENCY_KEYS)
     lines = [list(header)]
     for stage, entry in report["stages"].items():
-        lines.append(
-            [stage, str(entry["count"]), *(f"{entry[key]:.3f}" for key in _LATENCY_KEYS)]
-        )
+        lines.append([stage, str(entry["count"]), *(f"{entry[key]:.3f}" for key in _LATENCY_KEYS)])
     widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
 
     rendered = []

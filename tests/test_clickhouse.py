@@ -88,7 +88,7 @@ client.close()
 
 @contextmanager
 def store_held_by_other_process(dsn: str) -> Iterator[int]:
-    """Keep a chDB store open in a child process, the way a running span sink does; yield its pid."""
+    """Keep a chDB store open in a child process, as a running span sink does; yield its pid."""
     process = subprocess.Popen(
         [sys.executable, "-c", _HOLDER_SCRIPT, dsn],
         stdin=subprocess.PIPE,
@@ -206,7 +206,7 @@ def test_schema_keys_and_indexes(client: Client) -> None:
     assert partition_key == "toDate(Timestamp)"
     assert primary_key == "ServiceName, SpanName, toDateTime(Timestamp)"
     assert sorting_key == "ServiceName, SpanName, toDateTime(Timestamp), Timestamp"
-    assert dict(indexes) == {
+    assert {name: index_type for name, index_type in indexes} == {
         "idx_duration": "minmax",
         "idx_lower_span_name": "tokenbf_v1(32768, 3, 0)",
         "idx_res_attr_key": "bloom_filter(0.01)",

@@ -1,0 +1,76 @@
+"""Small test drivers that read and write the pipeline's topics on the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
+
+from streams.config import KafkaSettings
+from streams.kafka import make_consumer, make_producer, topic_partitions
+
+
+class TopicReader:
+    """Read a topic from its beginning without a consumer group."""
+
+    def __init__(self, settings: KafkaSettings, topic: str) -> None:
+        self.settings = settings
+        self.topic = topic
+        self.consumer: AIOKafkaConsumer = make_consumer(settings, group_id=None)
+        self.records: list[ConsumerRecord[bytes, bytes]] = []
+
+    async def __aenter__(self) -> TopicReader:
+        await self.consumer.start()
+        partitions = await topic_partitions(self.settings, self.topic)
+        self.consumer.assign(partitions)
+        await self.consumer.seek_to_beginning(*partitions)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.consumer.stop()
+
+    async def poll(self) -> list[ConsumerRecord[bytes, bytes]]:
+        batches = await self.consumer.getmany(timeout_ms=200)
+        fresh = [record for records in batches.values() for record in records]
+        self.records.extend(fresh)
+        return fresh
+
+    async def wait_for(
+        self, predicate: Callable[[list[ConsumerRecord[bytes, bytes]]], bool],
+        timeout_s: float = 60.0,
+    ) -> list[ConsumerRecord[bytes, bytes]]:
+        """Poll until ``predicate(all records so far)`` holds; fail with what was seen."""
+        deadline = time.monotonic() + timeout_s
+        while not predicate(self.records):
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"condition not met on {self.topic} within {timeout_s:.0f} s; "
+                    f"saw {len(self.records)} records"
+                )
+            await self.poll()
+        return self.records
+
+
+async def produce(settings: KafkaSettings, topic: str, value: bytes, key: bytes | None = None,
+                  headers: list[tuple[str, bytes]] | None = None) -> None:
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value, key=key, headers=headers or [])
+    finally:
+        await producer.stop()
+
+
+async def wait_until(predicate: Callable[[], Any], timeout_s: float = 60.0,
+                     message: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} not met within {timeout_s:.0f} s")
+        await asyncio.sleep(0.1)

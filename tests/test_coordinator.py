@@ -1,0 +1,146 @@
+"""The coordinator process on the real broker, driven through its topics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from schemas.events import (
+    AttemptDispatched,
+    AttemptFinished,
+    AttemptStatus,
+    GenerationParams,
+    JobRequested,
+    JobStatus,
+    ResultScored,
+    decode_event,
+    encode_event,
+)
+from streams.client import JobRejectedError, SlotforgeClient
+from streams.config import Settings
+from streams.processes import ProcessGroup
+from tests.kafka_helpers import TopicReader, produce
+
+pytestmark = pytest.mark.integration
+
+
+def _request(slots: int = 2) -> JobRequested:
+    return JobRequested(
+        tenant_id="acme", user_id="u1",
+        params=GenerationParams(model="M0001", prompt="two bedroom floor plan", steps=10),
+        slots=slots,
+    )
+
+
+async def _report(settings: Settings, attempt: AttemptDispatched, accepted: bool,
+                  score: float) -> None:
+    """Play the worker and post-processing for one attempt."""
+    uri = f"file:///tmp/{attempt.attempt_id}.png"
+    finished = AttemptFinished(
+        attempt_id=attempt.attempt_id, job_id=attempt.job_id, job_key=attempt.job_key,
+        worker_id="test-worker", status=AttemptStatus.SUCCEEDED, slot=attempt.slot,
+        artifact_uri=uri, gpu_s=0.01,
+    )
+    scored = ResultScored(
+        attempt_id=attempt.attempt_id, job_id=attempt.job_id, job_key=attempt.job_key,
+        slot=attempt.slot, artifact_uri=uri, score=score, accepted=accepted, reason="test",
+    )
+    for event in (finished, scored):
+        await produce(settings.kafka, settings.topics.coordinator_events, encode_event(event),
+                      key=attempt.job_key.encode())
+
+
+def _attempts(records) -> list[AttemptDispatched]:
+    return [decode_event(record.value, AttemptDispatched) for record in records]
+
+
+@pytest.fixture
+def coordinator(settings: Settings, service_env: dict[str, str], tmp_path: Path):
+    group = ProcessGroup(tmp_path / "logs", service_env)
+    group.start("coordinator")
+    yield group
+    group.stop_all()
+
+
+async def test_job_fills_slots_and_retries_rejection(settings: Settings, coordinator) -> None:
+    from schemas.events import Tier
+
+    request = _request(slots=2)
+    async with SlotforgeClient(settings.kafka) as client, \
+            TopicReader(settings.kafka, settings.topics.attempts(Tier.STANDARD)) as attempts:
+        await client.submit(request)
+        records = await attempts.wait_for(lambda seen: len(seen) >= 2, timeout_s=90)
+        first, second = _attempts(records)
+        assert {first.slot, second.slot} == {0, 1}
+        assert first.job_id == request.job_id
+
+        await _report(settings, first, accepted=True, score=0.9)
+        await _report(settings, second, accepted=False, score=0.2)
+        records = await attempts.wait_for(lambda seen: len(seen) >= 3)
+        retry = _attempts(records)[2]
+        assert retry.slot == second.slot
+        assert retry.attempt_no == 2
+
+        await _report(settings, retry, accepted=True, score=0.8)
+        completed = await client.wait(request.job_id, timeout_s=60)
+
+    assert completed.status == JobStatus.COMPLETED
+    assert sorted(slot.attempt_id for slot in completed.slots) == sorted(
+        [first.attempt_id, retry.attempt_id])
+    assert completed.attempts == 3
+
+
+async def test_invalid_request_rejected_to_client(settings: Settings, coordinator) -> None:
+    request = _request()
+    raw = json.loads(encode_event(request))
+    raw["slots"] = 10_000
+    async with SlotforgeClient(settings.kafka) as client:
+        client._waiters[request.job_id] = __import__("asyncio").get_running_loop().create_future()
+        await produce(settings.kafka, settings.topics.jobs_requested,
+                      json.dumps(raw).encode(), key=b"k")
+        with pytest.raises(JobRejectedError) as caught:
+            await client.wait(request.job_id, timeout_s=90)
+    assert "slots" in caught.value.reason
+
+
+async def test_garbage_goes_to_deadletter_and_next_job_runs(
+    settings: Settings, coordinator
+) -> None:
+    from schemas.events import DeadLetter, Tier
+
+    await produce(settings.kafka, settings.topics.jobs_requested, b"\x00not json", key=b"k")
+    request = _request(slots=1)
+    async with SlotforgeClient(settings.kafka) as client, \
+            TopicReader(settings.kafka, settings.topics.deadletter) as letters, \
+            TopicReader(settings.kafka, settings.topics.attempts(Tier.STANDARD)) as attempts:
+        await client.submit(request)
+        records = await letters.wait_for(lambda seen: len(seen) >= 1, timeout_s=90)
+        letter = decode_event(records[0].value, DeadLetter)
+        assert letter.error_type == "json"
+        assert letter.source_topic == settings.topics.jobs_requested
+        await attempts.wait_for(lambda seen: len(seen) >= 1)
+
+
+async def test_restarted_coordinator_resumes_job(
+    settings: Settings, coordinator: ProcessGroup
+) -> None:
+    from schemas.events import Tier
+
+    request = _request(slots=2)
+    async with SlotforgeClient(settings.kafka) as client, \
+            TopicReader(settings.kafka, settings.topics.attempts(Tier.STANDARD)) as attempts:
+        await client.submit(request)
+        records = await attempts.wait_for(lambda seen: len(seen) >= 2, timeout_s=90)
+        first, second = _attempts(records)
+        await _report(settings, first, accepted=True, score=0.9)
+
+        # Kill the coordinator mid-job; its table must come back from the changelog.
+        coordinator.kill(coordinator.processes[0])
+        coordinator.start("coordinator", name="coordinator-2")
+        await _report(settings, second, accepted=True, score=0.7)
+        completed = await client.wait(request.job_id, timeout_s=120)
+
+    assert completed.status == JobStatus.COMPLETED
+    assert len(completed.slots) == 2

@@ -1,0 +1,116 @@
+"""Event models: round trips, bounds and the reasons decode errors carry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from schemas.errors import EventDecodeError
+from schemas.events import (
+    EVENT_TYPES,
+    AttemptFinished,
+    GenerationParams,
+    JobRequested,
+    cache_key,
+    decode_event,
+    encode_event,
+)
+from schemas.export import export_json_schemas
+
+
+def _request(**overrides: object) -> JobRequested:
+    values: dict[str, object] = {
+        "tenant_id": "acme",
+        "user_id": "u1",
+        "params": GenerationParams(model="M0001", prompt="a floor plan", steps=30),
+        "slots": 4,
+    }
+    values.update(overrides)
+    return JobRequested(**values)  # type: ignore[arg-type]
+
+
+def test_request_round_trip() -> None:
+    request = _request()
+    decoded = decode_event(encode_event(request), JobRequested)
+    assert decoded == request
+    assert decoded.job_key == request.job_key
+
+
+def test_cache_key_normalizes_prompt() -> None:
+    first = GenerationParams(model="M1", prompt="A  Floor\tPlan", steps=30)
+    second = GenerationParams(model="M1", prompt="a floor plan", steps=30)
+    assert cache_key("t", "u", first) == cache_key("t", "u", second)
+
+
+def test_cache_key_separates_tenants() -> None:
+    params = GenerationParams(model="M1", prompt="a floor plan", steps=30)
+    assert cache_key("t1", "u", params) != cache_key("t2", "u", params)
+    assert cache_key("t1", "u", params).startswith("t1:")
+
+
+@pytest.mark.parametrize(
+    ("data", "error_type"),
+    [
+        (b"", "empty"),
+        (b"\xff\xfe\x00", "encoding"),
+        (b'{"event_type": "job.requested"', "json"),
+        (b"[1, 2]", "not_object"),
+        (b'{"event_type": "job.exploded", "schema_version": 1}', "unknown_type"),
+        (b'{"event_type": "job.requested", "schema_version": 2}', "unsupported_version"),
+        (b'{"event_type": "job.requested", "schema_version": 1}', "validation"),
+        (b"x" * 1_000_001, "too_large"),
+    ],
+)
+def test_decode_errors_name_reason(data: bytes, error_type: str) -> None:
+    with pytest.raises(EventDecodeError) as caught:
+        decode_event(data)
+    assert caught.value.error_type == error_type
+    assert caught.value.reason
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("slots", 0), ("slots", 10_000)],
+)
+def test_request_rejects_out_of_range_slots(field: str, value: int) -> None:
+    raw = json.loads(encode_event(_request()))
+    raw[field] = value
+    with pytest.raises(EventDecodeError) as caught:
+        decode_event(json.dumps(raw).encode(), JobRequested)
+    assert caught.value.error_type == "validation"
+    assert field in caught.value.reason
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("steps", -1), ("width", 100_000), ("width", 33), ("prompt", "x" * 2_000_000)],
+)
+def test_params_reject_out_of_range(field: str, value: object) -> None:
+    raw = json.loads(encode_event(_request()))
+    raw["params"][field] = value
+    with pytest.raises(EventDecodeError) as caught:
+        decode_event(json.dumps(raw).encode(), JobRequested)
+    assert caught.value.error_type in ("validation", "too_large")
+
+
+def test_unknown_field_rejected() -> None:
+    raw = json.loads(encode_event(_request()))
+    raw["surprise"] = 1
+    with pytest.raises(EventDecodeError) as caught:
+        decode_event(json.dumps(raw).encode(), JobRequested)
+    assert "surprise" in caught.value.reason
+
+
+def test_unexpected_type_rejected() -> None:
+    with pytest.raises(EventDecodeError) as caught:
+        decode_event(encode_event(_request()), AttemptFinished)
+    assert caught.value.error_type == "unexpected_type"
+
+
+def test_schema_export_writes_every_event(tmp_path) -> None:
+    written = export_json_schemas(tmp_path)
+    assert len(written) == len(EVENT_TYPES)
+    for path in written:
+        schema = json.loads(path.read_text())
+        assert schema["properties"]["schema_version"]["const"] == 1
