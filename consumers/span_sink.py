@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 INITIAL_RETRY_DELAY_S = 0.5
 MAX_RETRY_DELAY_S = 30.0
-# Longest single wait for records, which bounds how long the sink takes to notice ``stop``.
+# Maximum wait of one fetch, which bounds how long the sink takes to notice ``stop``.
 POLL_TIMEOUT_S = 0.5
 # On stop, how long to keep retrying the last batch before leaving it in Kafka.
 SHUTDOWN_FLUSH_TIMEOUT_S = 15.0
@@ -161,7 +161,9 @@ class ClickHouseWriter:
     def __init__(self, settings: ClickHouseSettings) -> None:
         self._settings = settings
         self._client: Client | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="span-sink-clickhouse")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="span-sink-clickhouse"
+        )
 
     async def open(self) -> None:
         """Open the client and create the span table when it is missing."""
@@ -219,7 +221,7 @@ class ClickHouseWriter:
             client.close()
 
 
-class _BatchRebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
+class _BatchRebalanceListener(ConsumerRebalanceListener):
     def __init__(self, sink: SpanSink) -> None:
         self._sink = sink
 
@@ -251,7 +253,7 @@ class SpanSink:
         self._failed_attempts = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume and store spans until ``stop`` is set, then store what it holds and close."""
+        """Consume and store spans until ``stop`` is set, then store the current batch and close."""
         logger.info(
             "Span sink starting: topic=%s group=%s clickhouse=%s table=%s batch_rows=%d "
             "batch_wait_s=%.2f",
@@ -284,7 +286,7 @@ class SpanSink:
         except ClickHouseStoreError as err:
             if not err.retriable:
                 raise
-            logger.warning("Failed to open ClickHouse; will retry on the first insert: %s", err)
+            logger.warning("Failed to open ClickHouse, retrying on the first insert: %s", err)
 
     async def _consume(self, stop: asyncio.Event) -> None:
         max_rows = self.settings.clickhouse.batch_rows
@@ -324,7 +326,7 @@ class SpanSink:
         self.batch.add(record, row.column_values())
 
     async def _flush(self) -> bool:
-        """Store and commit the batch; return False after logging a failure worth retrying."""
+        """Store and commit the batch, and return False after logging a failure worth retrying."""
         async with self._batch_lock:
             error = await self._store_batch()
         if error is None:
@@ -334,7 +336,7 @@ class SpanSink:
 
         self._failed_attempts += 1
         logger.warning(
-            "Failed to store %d spans (attempt %d) from %s for group %s; retrying in %.1f s "
+            "Failed to store %d spans (attempt %d) from %s for group %s, retrying in %.1f s "
             "without committing: %s",
             len(self.batch.rows),
             self._failed_attempts,
@@ -365,6 +367,8 @@ class SpanSink:
             return None
 
         if not batch.inserted:
+            # NOTE: a batch that ClickHouse rejects for its data, not for an outage, is retried
+            # forever. SpanRow's strict validation is what keeps such rows out of a batch.
             try:
                 await self.writer.insert(batch.rows)
             except ClickHouseStoreError as err:
@@ -399,8 +403,8 @@ class SpanSink:
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         """Store the batch before a rebalance, or drop it when ClickHouse fails.
 
-        Nothing of a dropped batch was committed, so whoever owns the partitions next
-        reads those records again.
+        Nothing of a dropped batch was committed, so the member that is assigned the
+        partitions next reads those records again.
         """
         async with self._batch_lock:
             if self.batch.is_empty():
@@ -409,7 +413,7 @@ class SpanSink:
             if error is None:
                 return
             logger.warning(
-                "Dropped %d unstored spans from %s before a rebalance; they are read again "
+                "Dropped %d unstored spans from %s before a rebalance. They are read again "
                 "from the last commit: %s",
                 len(self.batch.rows),
                 self.batch.describe_offsets(),
@@ -423,7 +427,7 @@ class SpanSink:
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:
                 logger.warning(
-                    "Stopping with %d spans not stored from %s; they stay in Kafka and are "
+                    "Stopping with %d spans not stored from %s. They stay in Kafka and are "
                     "read again when the span sink restarts",
                     len(self.batch.rows),
                     self.batch.describe_offsets(),
@@ -448,4 +452,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module, so its loggers are named consumers.span_sink, not __main__.
+    from consumers.span_sink import main as module_main
+
+    sys.exit(module_main())

@@ -1,8 +1,8 @@
 """ClickHouse access for spans: client set-up, the ``otel_traces`` schema and span inserts.
 
 clickhouse-connect is the only client. The default DSN ``chdb:///abs/dir`` runs the embedded
-chDB engine inside this process; an ``http(s)://`` DSN reaches a ClickHouse server with the
-same SQL. chDB allows one engine per process and one process per data directory, so while
+chDB engine inside this process, and an ``http(s)://`` DSN reaches a ClickHouse server with
+the same SQL. chDB allows one engine per process and one process per data directory, so while
 the span sink runs, no other process can open its store.
 """
 
@@ -71,7 +71,7 @@ class ClickHouseStoreError(SlotforgeError):
 
 
 class StoreLockedError(ClickHouseStoreError):
-    """Another process holds the chDB data directory, usually a running span sink."""
+    """Another process has locked the chDB data directory, usually a running span sink."""
 
 
 class SpanTableMissingError(ClickHouseStoreError):
@@ -116,7 +116,7 @@ def chdb_directory(dsn: str) -> Path | None:
     parsed = urlsplit(dsn)
     if parsed.scheme != "chdb":
         return None
-    # chdb:///abs/dir names a directory; chdb://memory names the in-memory engine.
+    # chdb:///abs/dir names a directory, while chdb://memory names the in-memory engine.
     if parsed.netloc:
         return None
     if parsed.path in ("", "/"):
@@ -181,7 +181,7 @@ def _raise_if_locked(directory: Path, cause: Exception | None = None) -> None:
 
 
 def open_client(settings: ClickHouseSettings, *, create_store: bool = True) -> Client:
-    """Open a clickhouse-connect client for ``settings.dsn``; the caller must close it.
+    """Open a clickhouse-connect client for ``settings.dsn``, which the caller must close.
 
     A ``chdb://`` directory is created when missing, unless ``create_store`` is false.
     Raises StoreLockedError when another process holds the chDB directory,
@@ -262,8 +262,8 @@ def ensure_schema(client: Client, table: str) -> None:
 
 
 class _RowModel(BaseModel):
-    # Strict: a span row must carry exactly the JSON types that streams.tracing.span_to_row
-    # writes, so a batch never fails in ClickHouse on a value it cannot convert.
+    # Strict JSON types and ranges that fit the columns, so ClickHouse can convert every value
+    # of an accepted row. streams.tracing.span_to_row writes rows of exactly this shape.
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
 
@@ -289,7 +289,7 @@ class SpanLink(_RowModel):
 
 
 class SpanRow(_RowModel):
-    """One span as a JSON row on the spans topic; field names are the otel_traces columns.
+    """One span as a JSON row on the spans topic. Field names are the otel_traces columns.
 
     Timestamps and Duration are integer nanoseconds.
     """

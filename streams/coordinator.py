@@ -98,6 +98,9 @@ class Coordinator:
             broker_commit_every=100,
             broker_commit_interval=1.0,
             consumer_auto_offset_reset="earliest",
+            # A killed coordinator's partitions move to a survivor after this long.
+            broker_session_timeout=10.0,
+            broker_heartbeat_interval=2.0,
             **_faust_credentials(settings),
         )
         self.tracing = Tracing(SERVICE_NAME, settings.tracing, topics.spans)

@@ -77,7 +77,7 @@ def format_table(report: dict[str, Any]) -> str:
 def report_command(
     settings: Settings, fmt: str, *, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
-    """Print the stage latency report as JSON or a text table; return the exit status.
+    """Print the stage latency report as JSON or a text table, and return the exit status.
 
     Returns 0 on success, 1 when ClickHouse cannot be read (locked store, no span table,
     connection failure) and 2 for an unknown format. Errors go to ``err`` as one message,
@@ -112,7 +112,7 @@ def report_command(
 
 
 def _read_report(settings: Settings, table: str) -> dict[str, Any]:
-    # create_store=False: a report must not leave an empty store behind in a mistyped path.
+    # The report opens the store without creating it, so a mistyped path leaves nothing behind.
     client = open_client(settings.clickhouse, create_store=False)
     try:
         if not table_exists(client, table):

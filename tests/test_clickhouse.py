@@ -74,7 +74,7 @@ EXPORTER_COLUMNS = [
 BASE_NS = 1_735_689_600_000_000_000
 MS = 1_000_000
 
-# Run in a child process: opens the store, prints "ready", then holds it until stdin closes.
+# Run in a child process: opens the store, prints "ready", then keeps it open until stdin closes.
 _HOLDER_SCRIPT = """
 import sys
 import clickhouse_connect
@@ -88,7 +88,7 @@ client.close()
 
 @contextmanager
 def store_held_by_other_process(dsn: str) -> Iterator[int]:
-    """Keep a chDB store open in a child process, as a running span sink does; yield its pid."""
+    """Keep a chDB store open in a child process, as a running span sink does, and yield its pid."""
     process = subprocess.Popen(
         [sys.executable, "-c", _HOLDER_SCRIPT, dsn],
         stdin=subprocess.PIPE,
@@ -108,7 +108,7 @@ def store_held_by_other_process(dsn: str) -> Iterator[int]:
 
 
 def make_span_rows(stage_durations_ms: dict[str, list[float]]) -> list[dict[str, Any]]:
-    """Record real OpenTelemetry spans with the given durations per stage; return their rows.
+    """Record real OpenTelemetry spans with the given durations per stage and return their rows.
 
     Each stage span gets the ``slotforge.stage`` attribute. One extra span without a stage,
     with an event, a link and an error status, comes last.

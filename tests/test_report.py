@@ -27,13 +27,13 @@ def run_report(settings: Settings, fmt: str) -> tuple[int, str, str]:
 
 @pytest.fixture
 def report_settings(tmp_path: Path) -> Settings:
-    """Settings with an empty chDB location in tmp_path; these tests need no Kafka."""
+    """Settings with an empty chDB location in tmp_path. These tests need no Kafka."""
     return Settings(clickhouse=ClickHouseSettings(dsn=f"chdb://{tmp_path / 'clickhouse'}"))
 
 
 @pytest.fixture
 def stored_settings(report_settings: Settings) -> Settings:
-    """Settings whose store holds spans of two stages plus one span without a stage."""
+    """Settings whose store contains spans of two stages plus one span without a stage."""
     client = open_client(report_settings.clickhouse)
     try:
         ensure_schema(client, report_settings.clickhouse.table)

@@ -142,11 +142,13 @@ def test_batch_rejects_records_after_insert() -> None:
 # --- integration: real broker, real chDB -------------------------------------------------
 
 
-async def wait_until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+async def wait_until(condition: Callable[[], Awaitable[bool]], description: str) -> None:
     deadline = time.monotonic() + WAIT_TIMEOUT_S
     while not await condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {WAIT_TIMEOUT_S:.0f} s waiting for {what}")
+            raise AssertionError(
+                f"timed out after {WAIT_TIMEOUT_S:.0f} s waiting for {description}"
+            )
         await asyncio.sleep(0.1)
 
 
