@@ -2,11 +2,14 @@
 
 from schemas.events import (
     SCHEMA_VERSION,
+    AttemptCancel,
+    AttemptClaim,
     AttemptDispatched,
     AttemptFinished,
     AttemptProgress,
     AttemptStarted,
     AttemptStatus,
+    ClaimDecision,
     DeadLetter,
     Event,
     EventDecodeError,
@@ -26,11 +29,14 @@ from schemas.topics import TopicNames
 
 __all__ = [
     "SCHEMA_VERSION",
+    "AttemptCancel",
+    "AttemptClaim",
     "AttemptDispatched",
     "AttemptFinished",
     "AttemptProgress",
     "AttemptStarted",
     "AttemptStatus",
+    "ClaimDecision",
     "DeadLetter",
     "Event",
     "EventDecodeError",

@@ -178,6 +178,35 @@ class AttemptStarted(_AttemptEvent):
     started_at: AwareDatetime = Field(default_factory=utc_now)
 
 
+class AttemptClaim(_AttemptEvent):
+    """A worker asks for the lease on an attempt before it starts running it."""
+
+    event_type: Literal["attempt.claim"] = "attempt.claim"
+    worker_id: str = Field(min_length=1, max_length=128)
+
+
+class ClaimDecision(_AttemptEvent):
+    """The coordinator's answer to a claim, on the control topic keyed by worker id.
+
+    ``epoch`` is the fencing token: every later event of the attempt carries it, and the
+    coordinator ignores events whose epoch is older than the attempt's current one.
+    """
+
+    event_type: Literal["claim.decision"] = "claim.decision"
+    worker_id: str = Field(min_length=1, max_length=128)
+    granted: bool
+    lease_expires_at: AwareDatetime | None = None
+    reason: str = Field(default="", max_length=500)
+
+
+class AttemptCancel(_AttemptEvent):
+    """The coordinator tells the worker holding an attempt to stop it at the next step."""
+
+    event_type: Literal["attempt.cancel"] = "attempt.cancel"
+    worker_id: str | None = Field(default=None, max_length=128)
+    reason: str = Field(max_length=500)
+
+
 class AttemptProgress(_AttemptEvent):
     """A denoising-step heartbeat from the worker running the attempt."""
 
@@ -274,6 +303,9 @@ Event = Annotated[
     JobRequested
     | AttemptDispatched
     | AttemptStarted
+    | AttemptClaim
+    | ClaimDecision
+    | AttemptCancel
     | AttemptProgress
     | AttemptFinished
     | ResultScored
@@ -290,6 +322,9 @@ EVENT_TYPES: dict[str, type[BaseModel]] = {
         JobRequested,
         AttemptDispatched,
         AttemptStarted,
+        AttemptClaim,
+        ClaimDecision,
+        AttemptCancel,
         AttemptProgress,
         AttemptFinished,
         ResultScored,

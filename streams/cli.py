@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from streams.demo import DemoOptions, run_demo
-    from streams.report import format_stage_table
+    from streams.report import format_table
 
     options = DemoOptions(
         jobs=args.jobs,
@@ -41,9 +41,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
           f"{summary['partial']} partial, {summary['failed']} failed, "
           f"{summary['rejected']} rejected, {summary['timed_out']} timed out "
           f"({share:.1%} completed or partial)")
-    print(f"Spans in ClickHouse: {summary['clickhouse_spans']}")
     print()
-    print(format_stage_table(summary["stages"]))
+    print(format_table(summary))
     print()
     print(f"Summary written to {options.out_dir / 'summary.json'}")
     return 0 if summary["submitted"] and summary["timed_out"] == 0 else 1
@@ -84,6 +83,24 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     from infra.kafka_broker import main as broker_main
 
     return broker_main([args.action, "--port", str(args.port)])
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    module = importlib.import_module(f"bench.{args.suite}")
+    results = module.run(args.out, args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    print(module.render_markdown(results))
+    print(f"Results written to {args.out}")
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from streams.replay import replay_command
+
+    return replay_command(load_settings(), args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +149,29 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("action", choices=["fetch", "run"])
     broker.add_argument("--port", type=int, default=9092)
     broker.set_defaults(handler=_cmd_broker)
+    bench = commands.add_parser("bench", help="run a benchmark suite and write its JSON")
+    suites = bench.add_subparsers(dest="suite", required=True)
+    from bench.render import SUITES
+
+    for suite in SUITES:
+        try:
+            module = importlib.import_module(f"bench.{suite}")
+        except ModuleNotFoundError:
+            continue
+        suite_parser = suites.add_parser(suite, help=(module.__doc__ or "").splitlines()[0])
+        suite_parser.add_argument("--out", type=Path, required=True,
+                                  help="file to write the results JSON to")
+        module.add_arguments(suite_parser)
+        suite_parser.set_defaults(handler=_cmd_bench)
+
+    try:
+        from streams.replay import add_arguments as add_replay_arguments
+    except ModuleNotFoundError:
+        pass
+    else:
+        replay = commands.add_parser("replay", help="re-publish records of a topic")
+        add_replay_arguments(replay)
+        replay.set_defaults(handler=_cmd_replay)
     return parser
 
 

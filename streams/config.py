@@ -104,7 +104,7 @@ class WorkerSettings(BaseModel):
 class PostprocessSettings(BaseModel):
     group_id: str = "slotforge-postprocess"
     concurrency: int = Field(default=4, ge=1, le=256)
-    accept_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    accept_threshold: float = Field(default=0.49, ge=0.0, le=1.0)
 
 
 class ConsumerSettings(BaseModel):

@@ -1,0 +1,493 @@
+"""GPU worker service: runs dispatched attempts in a fixed number of slots.
+
+The worker consumes ``attempts.<tier>`` for every tier in one consumer group and fetches only
+while a slot is free. For each attempt it publishes ``attempt.started``, ``attempt.progress``
+heartbeats and ``attempt.finished`` to the coordinator events topic, keyed by the job key.
+A succeeded attempt also goes to the generated topic for post-processing. Offsets are
+committed only up to the oldest attempt that has not finished.
+
+Run it with ``python -m gpu_inference.worker``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka.errors import KafkaError
+from opentelemetry import context as otel_context
+from opentelemetry.trace import SpanKind, StatusCode
+
+from gpu_inference.artifacts import ArtifactStore
+from gpu_inference.offsets import FlowControlledConsumer
+from gpu_inference.pipeline import (
+    DiffusersRunner,
+    GenerationCancelled,
+    GenerationRequest,
+    configure_worker_thread,
+    is_retriable,
+)
+from schemas.errors import EventDecodeError
+from schemas.events import (
+    AttemptDispatched,
+    AttemptFinished,
+    AttemptProgress,
+    AttemptStarted,
+    AttemptStatus,
+    Tier,
+    decode_event,
+    encode_event,
+    utc_now,
+)
+from streams.config import Settings, load_settings
+from streams.kafka import Headers, make_consumer, make_producer, send_to_deadletter
+from streams.service import serve
+from streams.tracing import Tracing, extract_context, inject_headers, record_wait, stage_span
+
+logger = logging.getLogger(__name__)
+
+# Seconds that running attempts get to finish after a stop request before they are cancelled.
+STOP_GRACE_S = 30.0
+
+_MAX_ERROR_CHARS = 2_000
+
+
+@dataclass
+class _Attempt:
+    """One dispatched attempt running in a slot, with the records that asked for it."""
+
+    event: AttemptDispatched
+    records: list[ConsumerRecord[bytes, bytes]]
+    context: otel_context.Context
+    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str = ""
+    cancel_error_type: str = "cancelled"
+    # Whether another worker should run the attempt again after this one cancels it.
+    cancel_retriable: bool = False
+
+    def request_cancel(self, reason: str, *, error_type: str, retriable: bool) -> None:
+        """Set the cancel flag; the first request wins, later ones are ignored."""
+        if not self.cancel.is_set():
+            self.cancel_reason = reason
+            self.cancel_error_type = error_type
+            self.cancel_retriable = retriable
+            self.cancel.set()
+
+
+@dataclass
+class _Outcome:
+    status: AttemptStatus
+    gpu_s: float = 0.0
+    artifact_uri: str | None = None
+    error_type: str | None = None
+    error: str | None = None
+    retriable: bool = False
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class GpuWorker:
+    """State of one worker process: its clients, slots and running attempts."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        runner: DiffusersRunner | None = None,
+        stop_grace_s: float = STOP_GRACE_S,
+    ) -> None:
+        self.settings = settings
+        self.slots = settings.worker.slots
+        self.worker_id = settings.worker.worker_id or default_worker_id()
+        self.group_id = settings.worker.group_id
+        self.topics = settings.topics
+        self.stop_grace_s = stop_grace_s
+        self.runner = runner or DiffusersRunner(settings.worker.model_path, settings.worker.device)
+        self.store = ArtifactStore(settings.artifact_dir)
+        self.tracing = Tracing("gpu-worker", settings.tracing, settings.topics.spans)
+        self.producer: AIOKafkaProducer = make_producer(settings.kafka)
+        self.fetcher = FlowControlledConsumer(
+            make_consumer(settings.kafka, group_id=self.group_id, max_poll_records=self.slots),
+            self.group_id,
+        )
+        self.executor = ThreadPoolExecutor(
+            max_workers=self.slots,
+            thread_name_prefix="gpu-slot",
+            initializer=configure_worker_thread,
+            initargs=(self.slots,),
+        )
+        # Running attempts by attempt id; a redelivered record joins the attempt already running.
+        self._running: dict[str, _Attempt] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        topics = [self.topics.attempts(tier) for tier in Tier]
+        logger.info(
+            "Starting GPU worker %s: group %s, %d slots, device %s, model path %s, topics %s",
+            self.worker_id,
+            self.group_id,
+            self.slots,
+            self.runner.device,
+            self.settings.worker.model_path or "none (random weights)",
+            ", ".join(topics),
+        )
+        self.fetcher.subscribe(topics)
+        await self.producer.start()
+        try:
+            await self.fetcher.consumer.start()
+            try:
+                async with asyncio.TaskGroup() as services:
+                    publisher = services.create_task(self.tracing.publish_routine(self.producer))
+                    try:
+                        await self._consume(stop)
+                    finally:
+                        await self._commit_and_flush()
+                        publisher.cancel()
+            finally:
+                # Stopping the consumer leaves the group, so its partitions move at once.
+                await self.fetcher.consumer.stop()
+        finally:
+            await self.producer.stop()
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.tracing.shutdown()
+            logger.info("Stopped GPU worker %s", self.worker_id)
+
+    async def _commit_and_flush(self) -> None:
+        try:
+            await self.fetcher.commit()
+        except KafkaError:
+            logger.exception("Failed to commit offsets of group %s on stop", self.group_id)
+        try:
+            await self.tracing.flush(self.producer)
+        except KafkaError:
+            logger.exception("Failed to flush spans on stop")
+
+    async def _consume(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as attempts:
+            while not stop.is_set():
+                free = self.slots - len(self._running)
+                for record in await self.fetcher.fetch(free, stop):
+                    await self._take(record, attempts)
+                await self.fetcher.commit()
+            await self._drain()
+
+    async def _drain(self) -> None:
+        """Give running attempts the grace period, then cancel the rest through their flags."""
+        tasks = set(self._tasks)
+        if not tasks:
+            return
+        logger.info(
+            "Stopping: waiting up to %.1f s for %d running attempts", self.stop_grace_s, len(tasks)
+        )
+        _, pending = await asyncio.wait(tasks, timeout=self.stop_grace_s)
+        if not pending:
+            return
+        logger.warning(
+            "Cancelling %d attempts still running after %.1f s: %s",
+            len(self._running),
+            self.stop_grace_s,
+            ", ".join(sorted(self._running)),
+        )
+        for attempt in self._running.values():
+            attempt.request_cancel(
+                "worker is shutting down", error_type="cancelled", retriable=True
+            )
+        await asyncio.wait(pending)
+
+    async def _take(
+        self, record: ConsumerRecord[bytes, bytes], attempts: asyncio.TaskGroup
+    ) -> None:
+        self.fetcher.start(record)
+        try:
+            event: AttemptDispatched = decode_event(record.value, AttemptDispatched)
+        except EventDecodeError as err:
+            await send_to_deadletter(
+                self.producer, self.topics.deadletter, record, self.group_id, err
+            )
+            self.fetcher.finish(record)
+            return
+
+        context = extract_context(record.headers)
+        record_wait(
+            self.tracing.tracer,
+            "queue_wait",
+            event.dispatched_at,
+            parent=context,
+            attributes={
+                "slotforge.tier": event.tier.value,
+                "slotforge.job_id": event.job_id,
+                "slotforge.attempt_id": event.attempt_id,
+            },
+        )
+
+        running = self._running.get(event.attempt_id)
+        if running is not None:
+            # A rebalance handed back a partition whose record is still running here.
+            logger.info(
+                "Attempt %s of job %s is already running; record %s[%d]@%d joins it",
+                event.attempt_id,
+                event.job_id,
+                record.topic,
+                record.partition,
+                record.offset,
+            )
+            running.records.append(record)
+            return
+
+        attempt = _Attempt(event=event, records=[record], context=context)
+        self._running[event.attempt_id] = attempt
+        task = attempts.create_task(self._run_attempt(attempt))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_attempt(self, attempt: _Attempt) -> None:
+        event = attempt.event
+        try:
+            with stage_span(
+                self.tracing.tracer,
+                "generation",
+                "generation",
+                parent=attempt.context,
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    "gen_ai.request.model": event.params.model,
+                    "gen_ai.request.seed": event.seed,
+                    "slotforge.job_id": event.job_id,
+                    "slotforge.attempt_id": event.attempt_id,
+                    "slotforge.attempt_no": event.attempt_no,
+                    "slotforge.steps": event.params.steps,
+                    "slotforge.worker_id": self.worker_id,
+                    "slotforge.tier": event.tier.value,
+                },
+            ) as span:
+                headers = inject_headers(span)
+                outcome = await self._generate(attempt, headers)
+                span.set_attribute("slotforge.gpu_s", outcome.gpu_s)
+                span.set_attribute("slotforge.status", outcome.status.value)
+                if outcome.status is not AttemptStatus.SUCCEEDED:
+                    span.set_status(StatusCode.ERROR, outcome.error or outcome.status.value)
+                await self._publish_finished(attempt, outcome, headers)
+        except KafkaError:
+            # The records stay uncommitted, so the next owner of the partition runs them again.
+            logger.exception(
+                "Failed to publish events of attempt %s of job %s",
+                event.attempt_id,
+                event.job_id,
+            )
+            raise
+        finally:
+            self._running.pop(event.attempt_id, None)
+            self.fetcher.wake()
+        for record in attempt.records:
+            self.fetcher.finish(record)
+
+    async def _generate(self, attempt: _Attempt, headers: Headers) -> _Outcome:
+        event = attempt.event
+        if event.deadline_at <= utc_now():
+            logger.info(
+                "Skipping attempt %s of job %s: its deadline %s has passed",
+                event.attempt_id,
+                event.job_id,
+                event.deadline_at.isoformat(),
+            )
+            return _Outcome(
+                status=AttemptStatus.CANCELLED,
+                error_type="deadline_exceeded",
+                error=f"deadline {event.deadline_at.isoformat()} passed before the attempt started",
+            )
+
+        started = AttemptStarted(
+            attempt_id=event.attempt_id,
+            job_id=event.job_id,
+            job_key=event.job_key,
+            epoch=event.epoch,
+            worker_id=self.worker_id,
+        )
+        await self._send_coordinator(started, event.job_key, headers, wait=True)
+
+        loop = asyncio.get_running_loop()
+        progress: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
+        pump = asyncio.create_task(self._publish_progress(event, progress, headers))
+        on_step = self._step_callback(attempt, loop, progress)
+        try:
+            return await loop.run_in_executor(self.executor, self._run_in_slot, attempt, on_step)
+        except asyncio.CancelledError:
+            # A slot thread cannot be interrupted, so the cancel flag stops it at its next step.
+            attempt.request_cancel("worker task cancelled", error_type="cancelled", retriable=True)
+            raise
+        finally:
+            progress.put_nowait(None)
+            await pump
+
+    def _step_callback(
+        self,
+        attempt: _Attempt,
+        loop: asyncio.AbstractEventLoop,
+        progress: asyncio.Queue[tuple[int, int] | None],
+    ) -> Callable[[int, int], None]:
+        every = self.settings.worker.progress_every_steps
+        deadline = attempt.event.deadline_at.timestamp()
+
+        def on_step(step: int, total: int) -> None:
+            # Runs on the slot's thread; the queue belongs to the event loop.
+            if step % every == 0 or step == total:
+                loop.call_soon_threadsafe(progress.put_nowait, (step, total))
+            if step < total and time.time() >= deadline:
+                attempt.request_cancel(
+                    "deadline passed during generation",
+                    error_type="deadline_exceeded",
+                    retriable=False,
+                )
+
+        return on_step
+
+    def _run_in_slot(self, attempt: _Attempt, on_step: Callable[[int, int], None]) -> _Outcome:
+        """Generate the image and store it on a slot thread, returning failures as outcomes."""
+        event = attempt.event
+        request = GenerationRequest.from_params(event.params, event.seed)
+        # A cancelled or failed run still held the device, so its gpu_s is the wall time.
+        started = time.perf_counter()
+        try:
+            result = self.runner.generate(request, on_step=on_step, cancel=attempt.cancel)
+        except GenerationCancelled as err:
+            reason = attempt.cancel_reason or str(err)
+            logger.info(
+                "Cancelled attempt %s of job %s: %s", event.attempt_id, event.job_id, reason
+            )
+            return _Outcome(
+                status=AttemptStatus.CANCELLED,
+                gpu_s=time.perf_counter() - started,
+                error_type=attempt.cancel_error_type,
+                error=f"{reason}: {err}"[:_MAX_ERROR_CHARS],
+                retriable=attempt.cancel_retriable,
+            )
+        except Exception as err:  # noqa: BLE001 - any generation failure ends the attempt
+            logger.exception(
+                "Generation failed for attempt %s of job %s", event.attempt_id, event.job_id
+            )
+            return _Outcome(
+                status=AttemptStatus.FAILED,
+                gpu_s=time.perf_counter() - started,
+                error_type=type(err).__name__,
+                error=str(err)[:_MAX_ERROR_CHARS],
+                retriable=is_retriable(err),
+            )
+
+        try:
+            uri = self.store.write_png(event.job_id, event.attempt_id, result.image)
+        except Exception as err:  # noqa: BLE001 - a storage failure ends the attempt
+            logger.exception(
+                "Failed to store the image of attempt %s of job %s", event.attempt_id, event.job_id
+            )
+            return _Outcome(
+                status=AttemptStatus.FAILED,
+                gpu_s=result.gpu_s,
+                error_type=type(err).__name__,
+                error=str(err)[:_MAX_ERROR_CHARS],
+                retriable=True,
+            )
+        return _Outcome(status=AttemptStatus.SUCCEEDED, gpu_s=result.gpu_s, artifact_uri=uri)
+
+    async def _publish_progress(
+        self,
+        event: AttemptDispatched,
+        progress: asyncio.Queue[tuple[int, int] | None],
+        headers: Headers,
+    ) -> None:
+        """Publish queued progress steps in order until the ``None`` sentinel arrives."""
+        while (item := await progress.get()) is not None:
+            step, total = item
+            heartbeat = AttemptProgress(
+                attempt_id=event.attempt_id,
+                job_id=event.job_id,
+                job_key=event.job_key,
+                epoch=event.epoch,
+                worker_id=self.worker_id,
+                step=step,
+                total_steps=total,
+            )
+            await self._send_coordinator(heartbeat, event.job_key, headers, wait=False)
+
+    async def _publish_finished(
+        self, attempt: _Attempt, outcome: _Outcome, headers: Headers
+    ) -> None:
+        event = attempt.event
+        finished = AttemptFinished(
+            attempt_id=event.attempt_id,
+            job_id=event.job_id,
+            job_key=event.job_key,
+            epoch=event.epoch,
+            worker_id=self.worker_id,
+            status=outcome.status,
+            slot=event.slot,
+            artifact_uri=outcome.artifact_uri,
+            gpu_s=outcome.gpu_s,
+            error_type=outcome.error_type,
+            error=outcome.error,
+            retriable=outcome.retriable,
+        )
+        sends = [self._send_coordinator(finished, event.job_key, headers, wait=True)]
+        if outcome.status is AttemptStatus.SUCCEEDED:
+            sends.append(
+                self.producer.send_and_wait(
+                    self.topics.generated,
+                    encode_event(finished),
+                    key=event.attempt_id.encode("utf-8"),
+                    headers=headers,
+                )
+            )
+        await asyncio.gather(*sends)
+        logger.info(
+            "Finished attempt %s of job %s: %s in %.2f s%s",
+            event.attempt_id,
+            event.job_id,
+            outcome.status.value,
+            outcome.gpu_s,
+            f" ({outcome.error_type}: {outcome.error})" if outcome.error_type else "",
+        )
+
+    async def _send_coordinator(
+        self,
+        event: AttemptStarted | AttemptProgress | AttemptFinished,
+        job_key: str,
+        headers: Headers,
+        *,
+        wait: bool,
+    ) -> None:
+        value = encode_event(event)
+        key = job_key.encode("utf-8")
+        topic = self.topics.coordinator_events
+        if wait:
+            await self.producer.send_and_wait(topic, value, key=key, headers=headers)
+        else:
+            # Heartbeats need no acknowledgement; later events on the key still keep their order.
+            delivery = await self.producer.send(topic, value, key=key, headers=headers)
+            delivery.add_done_callback(_log_failed_delivery)
+
+
+def _log_failed_delivery(delivery: asyncio.Future[object]) -> None:
+    if not delivery.cancelled() and delivery.exception() is not None:
+        logger.warning("Failed to deliver a progress event: %s", delivery.exception())
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    """Run the GPU worker until ``stop`` is set; see the module docstring."""
+    await GpuWorker(settings).run(stop)
+
+
+def main() -> int:
+    return serve("gpu-worker", run, load_settings())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

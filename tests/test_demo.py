@@ -1,0 +1,39 @@
+"""The main job, end to end, on a few trace requests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from streams.config import ClickHouseSettings, Settings
+from streams.demo import DemoOptions, run_demo
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_small_demo_end_to_end(tmp_path: Path) -> None:
+    settings = Settings(
+        artifact_dir=tmp_path / "artifacts",
+        delivery_dir=tmp_path / "deliveries",
+        clickhouse=ClickHouseSettings(dsn=f"chdb://{tmp_path / 'clickhouse'}"),
+    )
+    options = DemoOptions(jobs=8, arrival_window_s=5.0, workers=2, worker_slots=2,
+                          timeout_s=300.0, out_dir=tmp_path / "demo")
+
+    summary = run_demo(settings, options)
+
+    assert summary["submitted"] == 8
+    ended = summary["completed"] + summary["partial"] + summary["failed"]
+    assert ended == 8
+    assert summary["completed"] + summary["partial"] >= 7
+    assert summary["clickhouse_spans"] > 0
+    for stage in ("admission", "queue_wait", "generation", "postprocess", "job", "delivery"):
+        assert stage in summary["stages"], f"no spans for stage {stage}"
+        row = summary["stages"][stage]
+        assert row["count"] > 0
+        assert 0 <= row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+    written = json.loads((options.out_dir / "summary.json").read_text())
+    assert written == summary
+    assert len(list((tmp_path / "deliveries").glob("*.json"))) == ended

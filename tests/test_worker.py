@@ -1,0 +1,320 @@
+"""The GPU worker on the real broker, with the random-weight diffusers pipeline on the CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import ConsumerRecord
+from PIL import Image
+
+from gpu_inference import worker
+from gpu_inference.worker import GpuWorker
+from schemas.events import (
+    AttemptDispatched,
+    AttemptFinished,
+    AttemptProgress,
+    AttemptStarted,
+    AttemptStatus,
+    DeadLetter,
+    GenerationParams,
+    Tier,
+    decode_event,
+    encode_event,
+    utc_now,
+)
+from streams.config import Settings
+from streams.kafka import group_lag, header_value
+from tests.kafka_helpers import TopicReader, produce
+
+pytestmark = pytest.mark.integration
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+PARENT_SPAN_ID = "b7ad6b7169203331"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"
+
+Records = list[ConsumerRecord[bytes, bytes]]
+
+
+def _dispatch(
+    job_key: str = "acme:key",
+    steps: int = 3,
+    deadline_s: float = 300.0,
+    tier: Tier = Tier.STANDARD,
+    slot: int = 0,
+) -> AttemptDispatched:
+    return AttemptDispatched(
+        attempt_id=uuid.uuid4().hex,
+        job_id=uuid.uuid4().hex,
+        job_key=job_key,
+        tenant_id="acme",
+        slot=slot,
+        attempt_no=1,
+        params=GenerationParams(model="M0012", prompt="two bedroom floor plan", steps=steps),
+        seed=42,
+        tier=tier,
+        deadline_at=utc_now() + timedelta(seconds=deadline_s),
+    )
+
+
+async def _send(settings: Settings, attempt: AttemptDispatched) -> None:
+    await produce(
+        settings.kafka,
+        settings.topics.attempts(attempt.tier),
+        encode_event(attempt),
+        key=attempt.attempt_id.encode(),
+        headers=[("traceparent", TRACEPARENT.encode())],
+    )
+
+
+def _events(records: Records) -> list[Any]:
+    return [
+        decode_event(record.value, AttemptStarted, AttemptProgress, AttemptFinished)
+        for record in records
+    ]
+
+
+def _finished(records: Records) -> list[AttemptFinished]:
+    return [event for event in _events(records) if isinstance(event, AttemptFinished)]
+
+
+def _count_finished(count: int) -> Any:
+    return lambda seen: len(_finished(seen)) >= count
+
+
+def _with_worker(settings: Settings, **changes: Any) -> Settings:
+    return settings.model_copy(update={"worker": settings.worker.model_copy(update=changes)})
+
+
+@asynccontextmanager
+async def _running(service: Any, settings: Settings) -> AsyncIterator[asyncio.Event]:
+    """Run a service coroutine as a task; on exit set its stop event and wait for it."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(service(settings, stop))
+    try:
+        yield stop
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=90)
+
+
+async def test_worker_runs_attempts_end_to_end(settings: Settings) -> None:
+    attempts = [_dispatch(job_key=f"acme:key{index}", slot=index) for index in range(3)]
+    attempts[2] = attempts[2].model_copy(update={"tier": Tier.INTERACTIVE})
+
+    async with (
+        TopicReader(settings.kafka, settings.topics.coordinator_events) as events,
+        TopicReader(settings.kafka, settings.topics.generated) as generated,
+        TopicReader(settings.kafka, settings.topics.spans) as spans,
+    ):
+        async with _running(worker.run, settings):
+            for attempt in attempts:
+                await _send(settings, attempt)
+            await events.wait_for(_count_finished(3), timeout_s=120)
+            await generated.wait_for(lambda seen: len(seen) >= 3, timeout_s=30)
+        # The worker flushes its spans before it returns.
+        await spans.wait_for(lambda seen: len(seen) >= 6, timeout_s=30)
+
+    by_attempt: dict[str, list[tuple[ConsumerRecord[bytes, bytes], Any]]] = {}
+    for record, event in zip(events.records, _events(events.records), strict=True):
+        by_attempt.setdefault(event.attempt_id, []).append((record, event))
+
+    for attempt in attempts:
+        sequence = by_attempt[attempt.attempt_id]
+        kinds = [type(event).__name__ for _, event in sequence]
+        assert kinds == ["AttemptStarted", *["AttemptProgress"] * 3, "AttemptFinished"]
+        assert [event.step for _, event in sequence[1:4]] == [1, 2, 3]
+        assert all(event.total_steps == 3 for _, event in sequence[1:4])
+        for record, event in sequence:
+            assert record.key == attempt.job_key.encode()
+            assert event.job_id == attempt.job_id
+            traceparent = header_value(record.headers, "traceparent")
+            assert traceparent is not None
+            assert traceparent.split("-")[1] == TRACE_ID
+
+        finished = sequence[-1][1]
+        assert finished.status == AttemptStatus.SUCCEEDED
+        assert finished.slot == attempt.slot
+        assert finished.gpu_s > 0
+        assert finished.error_type is None
+        path = settings.artifact_dir.resolve() / attempt.job_id / f"{attempt.attempt_id}.png"
+        assert finished.artifact_uri == path.as_uri()
+        with Image.open(path) as image:
+            assert image.size == (32, 32)
+
+    generated_events = {
+        record.key: decode_event(record.value, AttemptFinished) for record in generated.records
+    }
+    assert set(generated_events) == {attempt.attempt_id.encode() for attempt in attempts}
+    assert all(event.status == AttemptStatus.SUCCEEDED for event in generated_events.values())
+
+    for tier in Tier:
+        topic = settings.topics.attempts(tier)
+        assert await group_lag(settings.kafka, settings.worker.group_id, topic) == 0, topic
+
+    rows = [json.loads(record.value) for record in spans.records]
+    for attempt in attempts:
+        mine = {
+            row["SpanName"]: row
+            for row in rows
+            if row["SpanAttributes"].get("slotforge.attempt_id") == attempt.attempt_id
+        }
+        assert set(mine) == {"queue_wait", "generation"}
+        for row in mine.values():
+            assert row["TraceId"] == TRACE_ID
+            assert row["ParentSpanId"] == PARENT_SPAN_ID
+            assert row["ServiceName"] == "gpu-worker"
+        wait = mine["queue_wait"]["SpanAttributes"]
+        assert wait["slotforge.stage"] == "queue_wait"
+        assert wait["slotforge.tier"] == attempt.tier.value
+        generation = mine["generation"]["SpanAttributes"]
+        assert generation["slotforge.stage"] == "generation"
+        assert generation["gen_ai.request.model"] == "M0012"
+        assert generation["slotforge.job_id"] == attempt.job_id
+        assert generation["slotforge.steps"] == "3"
+        assert float(generation["slotforge.gpu_s"]) > 0
+        assert generation["slotforge.worker_id"]
+
+
+async def test_garbage_goes_to_deadletter_and_next_runs(settings: Settings) -> None:
+    topic = settings.topics.attempts(Tier.STANDARD)
+    attempt = _dispatch()
+
+    async with (
+        TopicReader(settings.kafka, settings.topics.coordinator_events) as events,
+        TopicReader(settings.kafka, settings.topics.deadletter) as letters,
+        _running(worker.run, settings),
+    ):
+        # Both records share a key, so they land on one partition in this order.
+        key = attempt.attempt_id.encode()
+        await produce(settings.kafka, topic, b"\x00not json", key=key)
+        await produce(settings.kafka, topic, encode_event(attempt), key=key)
+        await letters.wait_for(lambda seen: len(seen) >= 1, timeout_s=120)
+        await events.wait_for(_count_finished(1), timeout_s=120)
+
+    letter = decode_event(letters.records[0].value, DeadLetter)
+    assert letter.source_topic == topic
+    assert letter.consumer_group == settings.worker.group_id
+    assert letter.error_type == "json"
+    assert letters.records[0].key == key
+
+    (finished,) = _finished(events.records)
+    assert finished.attempt_id == attempt.attempt_id
+    assert finished.status == AttemptStatus.SUCCEEDED
+    assert await group_lag(settings.kafka, settings.worker.group_id, topic) == 0
+
+
+async def test_single_slot_runs_attempts_one_at_a_time(settings: Settings) -> None:
+    single = _with_worker(settings, slots=1, progress_every_steps=2)
+    # One job key puts every event on one partition, so their offsets give the true order.
+    attempts = [_dispatch(job_key="acme:one", steps=4) for _ in range(3)]
+
+    async with (
+        TopicReader(single.kafka, single.topics.coordinator_events) as events,
+        _running(worker.run, single),
+    ):
+        for attempt in attempts:
+            await _send(single, attempt)
+        await events.wait_for(_count_finished(3), timeout_s=120)
+
+    running: set[str] = set()
+    most_running = 0
+    for event in _events(events.records):
+        if isinstance(event, AttemptStarted):
+            running.add(event.attempt_id)
+            most_running = max(most_running, len(running))
+        elif isinstance(event, AttemptFinished):
+            running.discard(event.attempt_id)
+    assert most_running == 1
+
+    steps = [event.step for event in _events(events.records) if isinstance(event, AttemptProgress)]
+    assert steps == [2, 4] * 3
+
+
+async def test_stop_cancels_attempts_after_grace(settings: Settings, tmp_path: Path) -> None:
+    attempt = _dispatch(steps=400)
+    service = GpuWorker(settings, stop_grace_s=0.5)
+
+    async with TopicReader(settings.kafka, settings.topics.coordinator_events) as events:
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop))
+        await _send(settings, attempt)
+        await events.wait_for(
+            lambda seen: any(isinstance(e, AttemptProgress) for e in _events(seen)), timeout_s=120
+        )
+        stop.set()
+        await asyncio.wait_for(task, timeout=60)
+        await events.wait_for(_count_finished(1), timeout_s=30)
+
+    (finished,) = _finished(events.records)
+    assert finished.status == AttemptStatus.CANCELLED
+    assert finished.error_type == "cancelled"
+    assert finished.retriable is True
+    assert "shutting down" in (finished.error or "")
+    assert finished.artifact_uri is None
+    assert finished.gpu_s > 0
+    topic = settings.topics.attempts(Tier.STANDARD)
+    assert await group_lag(settings.kafka, settings.worker.group_id, topic) == 0
+
+
+async def test_expired_attempt_not_started(settings: Settings) -> None:
+    attempt = _dispatch(deadline_s=-1.0)
+
+    async with (
+        TopicReader(settings.kafka, settings.topics.coordinator_events) as events,
+        _running(worker.run, settings),
+    ):
+        await _send(settings, attempt)
+        await events.wait_for(_count_finished(1), timeout_s=120)
+
+    assert [type(event).__name__ for event in _events(events.records)] == ["AttemptFinished"]
+    (finished,) = _finished(events.records)
+    assert finished.status == AttemptStatus.CANCELLED
+    assert finished.error_type == "deadline_exceeded"
+    assert finished.retriable is False
+
+
+async def test_rebalance_mid_attempt_runs_once(settings: Settings) -> None:
+    single = _with_worker(settings, slots=1)
+    attempts = [_dispatch(job_key=f"acme:r{index}", steps=20) for index in range(6)]
+    first = GpuWorker(single.model_copy(update={"worker": single.worker.model_copy(
+        update={"worker_id": "worker-a"})}))
+    second = GpuWorker(single.model_copy(update={"worker": single.worker.model_copy(
+        update={"worker_id": "worker-b"})}))
+    stop_first, stop_second = asyncio.Event(), asyncio.Event()
+
+    async with TopicReader(single.kafka, single.topics.coordinator_events) as events:
+        first_task = asyncio.create_task(first.run(stop_first))
+        for attempt in attempts:
+            await _send(single, attempt)
+        await events.wait_for(
+            lambda seen: any(isinstance(e, AttemptProgress) for e in _events(seen)), timeout_s=120
+        )
+        # The second member joins while the first is inside an attempt.
+        second_task = asyncio.create_task(second.run(stop_second))
+        done = {attempt.attempt_id for attempt in attempts}
+        await events.wait_for(
+            lambda seen: {
+                e.attempt_id for e in _finished(seen) if e.status == AttemptStatus.SUCCEEDED
+            } >= done,
+            timeout_s=180,
+        )
+        stop_first.set()
+        stop_second.set()
+        await asyncio.wait_for(asyncio.gather(first_task, second_task), timeout=90)
+
+    assert first.fetcher.tracker.in_flight() == 0
+    assert second.fetcher.tracker.in_flight() == 0
+    # The revoked attempt finished within the rebalance grace, so nobody ran it again.
+    finished_ids = [event.attempt_id for event in _finished(events.records)]
+    assert sorted(finished_ids) == sorted(attempt.attempt_id for attempt in attempts)
+    for tier in Tier:
+        topic = single.topics.attempts(tier)
+        assert await group_lag(single.kafka, single.worker.group_id, topic) == 0, topic
