@@ -22,6 +22,7 @@ from schemas.events import (
     ResultScored,
     SlotResult,
     Tier,
+    WorkerStatus,
     decode_event,
     encode_event,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "SlotResult",
     "Tier",
     "TopicNames",
+    "WorkerStatus",
     "decode_event",
     "encode_event",
 ]

@@ -245,6 +245,7 @@ class SlotResult(_Model):
     artifact_uri: str
     score: float
     fallback: bool = False
+    cached: bool = False
 
 
 class JobCompleted(_Event):
@@ -282,7 +283,19 @@ class JobSweep(_Event):
     event_type: Literal["job.sweep"] = "job.sweep"
     job_id: str = Field(min_length=1, max_length=64)
     job_key: str = Field(min_length=1, max_length=200)
-    action: Literal["deadline", "expire"]
+    action: Literal["deadline", "expire", "lease"]
+    attempt_id: str | None = Field(default=None, max_length=64)
+
+
+class WorkerStatus(_Event):
+    """A GPU worker's periodic report of its slots, so the coordinator sees idle capacity."""
+
+    event_type: Literal["worker.status"] = "worker.status"
+    worker_id: str = Field(min_length=1, max_length=128)
+    slots: int = Field(ge=0)
+    busy: int = Field(ge=0)
+    warm_models: list[str] = Field(default_factory=list, max_length=256)
+    stopping: bool = False
 
 
 class DeadLetter(_Event):
@@ -312,6 +325,7 @@ Event = Annotated[
     | JobCompleted
     | JobRejected
     | JobSweep
+    | WorkerStatus
     | DeadLetter,
     Field(discriminator="event_type"),
 ]
@@ -331,6 +345,7 @@ EVENT_TYPES: dict[str, type[BaseModel]] = {
         JobCompleted,
         JobRejected,
         JobSweep,
+        WorkerStatus,
         DeadLetter,
     )
 }

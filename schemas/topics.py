@@ -47,6 +47,11 @@ class TopicNames:
         return self._name("attempts.control")
 
     @property
+    def worker_status(self) -> str:
+        """Periodic slot reports of GPU workers, read by every coordinator process."""
+        return self._name("workers.status")
+
+    @property
     def spans(self) -> str:
         return self._name("spans")
 
@@ -69,6 +74,7 @@ class TopicNames:
             self.jobs_completed,
             self.jobs_rejected,
             self.control,
+            self.worker_status,
             self.spans,
             self.deadletter,
         ]

@@ -86,6 +86,14 @@ class KafkaSettings(BaseModel):
 class CoordinatorSettings(BaseModel):
     app_id: str = "coordinator"
     max_attempts_per_slot: int = Field(default=4, ge=1, le=100)
+    racing_policy: Literal["sequential", "fixed_race", "adaptive"] = "adaptive"
+    # Lease a worker holds on a claimed attempt; progress heartbeats renew it.
+    lease_s: float = Field(default=15.0, gt=0)
+    cache_ttl_s: float = Field(default=3_600.0, ge=0)
+    cache_max_entries: int = Field(default=16, ge=0, le=1_000)
+    acceptance_prior: float = Field(default=0.5, gt=0, le=1)
+    # A worker whose last status report is older than this counts as gone.
+    worker_status_ttl_s: float = Field(default=5.0, gt=0)
     # Seconds between sweeps that look for jobs past their deadline.
     sweep_interval_s: float = Field(default=1.0, gt=0)
     retention_s: float = Field(default=3_600.0, ge=0)
@@ -99,6 +107,9 @@ class WorkerSettings(BaseModel):
     device: str = "auto"
     # Emit one progress heartbeat every N denoising steps.
     progress_every_steps: int = Field(default=1, ge=1)
+    status_interval_s: float = Field(default=1.0, gt=0)
+    # Seconds to wait for the coordinator's answer to a claim before asking again.
+    claim_timeout_s: float = Field(default=5.0, gt=0)
 
 
 class PostprocessSettings(BaseModel):

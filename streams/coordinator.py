@@ -1,10 +1,12 @@
-"""The job coordinator: a faust-streaming app whose per-job state lives in a changelogged table.
+"""The job coordinator: a faust-streaming app whose state lives in a changelogged table.
 
-It reads ``jobs.requested`` and the co-partitioned ``coordinator.events`` topic, so every
-event of one job lands on the same partition and the same table shard. It dispatches
-attempts to the tier's attempts topic, fills slots from post-processing verdicts, retries
-rejected or failed slots up to a limit and publishes ``jobs.completed``. A restarted
-coordinator rebuilds its table from the changelog topic and carries on.
+It reads ``jobs.requested`` and the co-partitioned ``coordinator.events`` topic, both keyed
+by the job's cache key, so every event of a flight of identical jobs lands on one
+partition and one entry of the ``flights`` table. It races attempts to fill each job's
+slots, grants claims under leases with fencing epochs, cancels surplus attempts through
+the control topic, falls back to the best rejected results at the attempt limit or
+deadline, serves regenerations from the cache and publishes ``jobs.completed``. A
+restarted coordinator rebuilds its table from the changelog topic and carries on.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,10 +25,12 @@ from opentelemetry.trace import SpanKind
 
 from schemas.errors import EventDecodeError
 from schemas.events import (
+    AttemptClaim,
     AttemptDispatched,
     AttemptFinished,
     AttemptProgress,
     AttemptStarted,
+    ClaimDecision,
     DeadLetter,
     JobCompleted,
     JobRejected,
@@ -33,30 +38,29 @@ from schemas.events import (
     JobSweep,
     ResultScored,
     Tier,
+    WorkerStatus,
     decode_event,
     encode_event,
 )
 from streams.config import Settings, load_settings
-from streams.job_state import Decision, JobState
-from streams.kafka import make_producer
-from streams.tracing import (
-    Tracing,
-    datetime_ns,
-    extract_context,
-    inject_headers,
-    stage_span,
-)
+from streams.flight import AttemptRecord, Decision, FlightLimits, FlightState, PoolView
+from streams.flight import parameter_class as class_of
+from streams.kafka import make_consumer, make_producer, topic_partitions
+from streams.pool import PoolMonitor
+from streams.racing import AcceptanceEstimator, RacingPolicy
+from streams.tracing import Tracing, datetime_ns, extract_context, inject_headers, stage_span
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "coordinator"
+Headers = list[tuple[str, bytes]]
 
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def _headers_of(event: EventT) -> list[tuple[str, bytes]]:
+def _headers_of(event: EventT) -> Headers:
     headers = event.message.headers or []
     if isinstance(headers, dict):
         headers = list(headers.items())
@@ -80,14 +84,15 @@ def _faust_credentials(settings: Settings) -> dict[str, Any]:
 
 
 class Coordinator:
-    """Wires the faust app, its table, its agents and its sweep timer."""
+    """Wires the faust app, its table, its agents, its sweep timer and the pool monitor."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        config = settings.coordinator
         topics = settings.topics
         partitions = settings.kafka.partitions
         self.app = faust.App(
-            f"{settings.kafka.topic_prefix}{settings.coordinator.app_id}",
+            f"{settings.kafka.topic_prefix}{config.app_id}",
             broker=[f"kafka://{server}" for server in settings.kafka.bootstrap_servers.split(",")],
             store="memory://",
             web_enabled=False,
@@ -103,6 +108,15 @@ class Coordinator:
             broker_heartbeat_interval=2.0,
             **_faust_credentials(settings),
         )
+        self.limits = FlightLimits(
+            max_attempts_per_slot=config.max_attempts_per_slot,
+            lease_s=config.lease_s,
+            cache_ttl_s=config.cache_ttl_s,
+            cache_max_entries=config.cache_max_entries,
+            policy=RacingPolicy(config.racing_policy),
+        )
+        self.acceptance = AcceptanceEstimator(prior_rate=config.acceptance_prior)
+        self.pool = PoolMonitor(config.worker_status_ttl_s)
         self.tracing = Tracing(SERVICE_NAME, settings.tracing, topics.spans)
         self.tracer = self.tracing.tracer
 
@@ -110,26 +124,35 @@ class Coordinator:
         self.events_topic = self._raw_topic(topics.coordinator_events, partitions)
         self.completed_topic = self._raw_topic(topics.jobs_completed)
         self.rejected_topic = self._raw_topic(topics.jobs_rejected)
+        self.control_topic = self._raw_topic(topics.control)
         self.deadletter_topic = self._raw_topic(topics.deadletter)
         self.attempt_topics = {tier: self._raw_topic(topics.attempts(tier)) for tier in Tier}
-        self.jobs = self.app.Table(
-            "jobs",
+        self.flights = self.app.Table(
+            "flights",
             partitions=partitions,
             schema=faust.Schema(key_type=str, key_serializer="raw", value_serializer="json"),
         )
-        # Jobs for which a sweep event is already on its way, so each is sent once.
-        self._sweeps_sent: set[tuple[str, str]] = set()
+
+        # Lease renewals from progress heartbeats stay in memory: writing the table per
+        # denoising step would flood the changelog. After a restart every lease gets a
+        # fresh full term from the start time instead.
+        self._renewals: dict[str, tuple[int, str, datetime]] = {}
+        self._started_at = _utc_now()
+        self._sweeps_sent: set[tuple[str, str, str]] = set()
 
         self.app.agent(self.requests_topic, name="requests")(self._requests_agent)
         self.app.agent(self.events_topic, name="events")(self._events_agent)
-        self.app.timer(settings.coordinator.sweep_interval_s)(self._sweep_timer)
+        self.app.timer(config.sweep_interval_s)(self._sweep_timer)
         self.app.task(self._span_publisher)
+        self.app.task(self._worker_status_routine)
 
     def _raw_topic(self, name: str, partitions: int | None = None) -> faust.TopicT:
         return self.app.topic(
             name, key_type=bytes, value_type=bytes, key_serializer="raw",
             value_serializer="raw", partitions=partitions,
         )
+
+    # ---- background routines ------------------------------------------------------------
 
     async def _span_publisher(self) -> None:
         producer: AIOKafkaProducer = make_producer(self.settings.kafka)
@@ -140,14 +163,47 @@ class Coordinator:
             await self.tracing.flush(producer)
             await producer.stop()
 
-    def _load(self, job_id: str) -> JobState | None:
-        raw = self.jobs.get(job_id)
-        if raw is None:
-            return None
-        return JobState.model_validate(raw)
+    async def _worker_status_routine(self) -> None:
+        """Follow every worker's status reports, from all partitions, without a group."""
+        topic = self.settings.topics.worker_status
+        consumer = make_consumer(self.settings.kafka, group_id=None,
+                                 auto_offset_reset="latest")
+        await consumer.start()
+        try:
+            partitions = await topic_partitions(self.settings.kafka, topic)
+            consumer.assign(partitions)
+            await consumer.seek_to_end(*partitions)
+            while True:
+                batches = await consumer.getmany(timeout_ms=500)
+                for records in batches.values():
+                    for record in records:
+                        try:
+                            status = decode_event(record.value, WorkerStatus)
+                        except EventDecodeError as err:
+                            logger.warning("Ignoring undecodable worker status at %s[%d]@%d: %s",
+                                           record.topic, record.partition, record.offset, err)
+                            continue
+                        self.pool.observe(status)
+        finally:
+            await consumer.stop()
 
-    def _store(self, state: JobState) -> None:
-        self.jobs[state.job_id] = state.model_dump(mode="json")
+    def _pool_view(self, flight: FlightState) -> PoolView:
+        return PoolView(
+            acceptance_rate=self.acceptance.rate(class_of(flight.params)),
+            idle_slots=self.pool.idle_slots(),
+            # NOTE: downstream lag does not feed backpressure yet; speculation only
+            # follows idle GPU slots.
+            backpressure=False,
+        )
+
+    # ---- table access -----------------------------------------------------------------------
+
+    def _load(self, job_key: str) -> FlightState | None:
+        raw = self.flights.get(job_key)
+        return FlightState.model_validate(raw) if raw is not None else None
+
+    def _store(self, flight: FlightState) -> None:
+        self.flights[flight.job_key] = flight.model_dump(mode="json")
 
     async def _dead_letter(self, event: EventT, error: EventDecodeError) -> None:
         message = event.message
@@ -169,7 +225,7 @@ class Coordinator:
             error.reason[:300],
         )
 
-    # ---- job requests -------------------------------------------------------------------
+    # ---- job requests -------------------------------------------------------------------------
 
     async def _requests_agent(self, stream: faust.StreamT) -> None:
         async for event in stream.events():
@@ -197,29 +253,29 @@ class Coordinator:
             self.tracer, "admission", "admission", parent=parent, kind=SpanKind.CONSUMER,
             attributes=self._request_attributes(request, event),
         ) as span:
-            existing = self._load(request.job_id)
-            if existing is not None:
-                # A redelivered request: publish again what may not have gone out before.
-                logger.info("Job %s was already admitted; republishing pending attempts",
-                            request.job_id)
-                if not existing.is_terminal:
-                    await self._publish(existing, Decision(dispatch=existing.pending_dispatches(now)))
-                return
-
-            state, decision = JobState.admit(
-                request,
-                max_attempts_per_slot=self.settings.coordinator.max_attempts_per_slot,
-                now=now,
-            )
-            state.traceparent = dict(inject_headers(span)).get("traceparent", b"").decode() or None
-            self._store(state)
-            span.set_attribute("slotforge.admission.decision", "admitted")
+            flight = self._load(request.job_key) or FlightState.for_request(request)
+            duplicate = request.job_id in flight.jobs
+            traceparent = dict(inject_headers(span)).get("traceparent", b"").decode() or None
+            decision = flight.admit(request, now, self.limits, self._pool_view(flight),
+                                    traceparent=traceparent)
+            span.set_attribute("slotforge.admission.decision",
+                               "duplicate" if duplicate else "admitted")
+            cached = sum(1 for job in decision.completed for slot in job.slots if slot.cached)
+            job = flight.jobs[request.job_id]
+            cached += sum(1 for slot in job.slots if slot.cached) if job.running else 0
+            span.set_attribute("slotforge.cache.slots", cached)
+            self._store(flight)
+        if duplicate:
+            logger.info("Job %s was already admitted; republishing its pending attempts",
+                        request.job_id)
+        else:
             logger.info(
-                "Admitted job %s tenant=%s user=%s model=%s slots=%d tier=%s",
+                "Admitted job %s tenant=%s user=%s model=%s slots=%d tier=%s cached=%d "
+                "attempts=%d",
                 request.job_id, request.tenant_id, request.user_id, request.params.model,
-                request.slots, request.tier.value,
+                request.slots, request.tier.value, cached, len(decision.dispatch),
             )
-            await self._publish(state, decision)
+        await self._publish(flight, decision)
 
     def _request_attributes(self, request: JobRequested, event: EventT) -> dict[str, Any]:
         return {
@@ -234,6 +290,7 @@ class Coordinator:
             "slotforge.tier": request.tier.value,
             "slotforge.slots": request.slots,
             "gen_ai.request.model": request.params.model,
+            "gen_ai.prompt.redacted": self.tracing.prompt_attribute(request.params.prompt),
         }
 
     async def _reject_invalid(self, event: EventT, error: EventDecodeError) -> None:
@@ -249,7 +306,7 @@ class Coordinator:
         )
         logger.warning("Rejected job %s tenant=%s: %s", job_id, tenant_id, error.reason[:300])
 
-    # ---- attempt and scoring events -------------------------------------------------------
+    # ---- attempt, claim and scoring events ---------------------------------------------------
 
     async def _events_agent(self, stream: faust.StreamT) -> None:
         async for event in stream.events():
@@ -266,98 +323,185 @@ class Coordinator:
     async def _on_event(self, event: EventT) -> None:
         try:
             message = decode_event(
-                event.value, AttemptStarted, AttemptProgress, AttemptFinished, ResultScored,
-                JobSweep,
+                event.value, AttemptClaim, AttemptStarted, AttemptProgress, AttemptFinished,
+                ResultScored, JobSweep,
             )
         except EventDecodeError as err:
             await self._dead_letter(event, err)
             return
-        if isinstance(message, AttemptProgress):
+        if isinstance(message, AttemptProgress) and self._renew(message):
             return
 
-        state = self._load(message.job_id)
-        if state is None:
-            logger.warning("Ignoring %s for unknown job %s", message.event_type, message.job_id)
+        flight = self._load(message.job_key)
+        if flight is None:
+            logger.warning("Ignoring %s of job %s: no flight for its key",
+                           message.event_type, message.job_id)
             return
 
         now = _utc_now()
-        if isinstance(message, JobSweep):
-            await self._on_sweep(state, message, now)
+        pool = self._pool_view(flight)
+        if isinstance(message, AttemptProgress):
+            decision = flight.on_progress(message)
+            await self._publish(flight, decision)
             return
-        if isinstance(message, AttemptStarted):
-            decision = state.on_started(message)
+        if isinstance(message, AttemptClaim):
+            decision = flight.on_claim(message, now, self.limits)
+        elif isinstance(message, AttemptStarted):
+            decision = flight.on_started(message)
         elif isinstance(message, AttemptFinished):
-            decision = state.on_finished(message, now)
-            if message.status.value != "succeeded":
-                logger.info(
-                    "Attempt %s of job %s ended %s on worker %s: %s",
-                    message.attempt_id, message.job_id, message.status.value, message.worker_id,
-                    message.error,
-                )
+            decision = flight.on_finished(message, now, self.limits, pool)
+            self.pool.claimed(message.attempt_id)
+            if message.status.value == "failed":
+                logger.warning("Attempt %s of job %s failed on worker %s: %s: %s",
+                               message.attempt_id, message.job_id, message.worker_id,
+                               message.error_type, message.error)
+        elif isinstance(message, ResultScored):
+            self._observe_acceptance(flight, message)
+            decision = flight.on_scored(message, now, self.limits, pool)
         else:
-            decision = state.on_scored(message, now)
-            logger.debug(
-                "Attempt %s of job %s scored %.3f accepted=%s",
-                message.attempt_id, message.job_id, message.score, message.accepted,
-            )
-        self._store(state)
-        await self._publish(state, decision)
+            decision = self._on_sweep(flight, message, now, pool)
+            if decision is None:
+                return
+        self._store(flight)
+        await self._publish(flight, decision)
 
-    async def _on_sweep(self, state: JobState, sweep: JobSweep, now: datetime) -> None:
-        self._sweeps_sent.discard((sweep.job_id, sweep.action))
-        if sweep.action == "expire":
-            if state.is_terminal:
-                self.jobs.pop(state.job_id, None)
-                logger.info("Removed finished job %s from the jobs table", state.job_id)
-            return
-        decision = state.on_deadline(now)
-        if decision.completed is not None:
-            logger.warning("Job %s reached its deadline with open slots", state.job_id)
-        self._store(state)
-        await self._publish(state, decision)
+    def _observe_acceptance(self, flight: FlightState, scored: ResultScored) -> None:
+        record = flight.attempts.get(scored.attempt_id)
+        if record is not None and record.epoch == scored.epoch and record.score is None:
+            self.acceptance.observe(class_of(flight.params), scored.accepted)
 
-    # ---- publishing -------------------------------------------------------------------------
+    def _renew(self, progress: AttemptProgress) -> bool:
+        """Renew a lease in memory from a heartbeat; False when the flight must decide."""
+        known = self._renewals.get(progress.attempt_id)
+        if known is None or known[0] != progress.epoch or known[1] != progress.worker_id:
+            return False
+        until = _utc_now() + timedelta(seconds=self.limits.lease_s)
+        self._renewals[progress.attempt_id] = (progress.epoch, progress.worker_id, until)
+        return True
 
-    async def _publish(self, state: JobState, decision: Decision) -> None:
-        parent_headers = self._job_headers(state)
+    def _on_sweep(self, flight: FlightState, sweep: JobSweep, now: datetime,
+                  pool: PoolView) -> Decision | None:
+        self._sweeps_sent.discard((sweep.job_key, sweep.action, sweep.attempt_id or
+                                   sweep.job_id))
+        if sweep.action == "deadline":
+            decision = flight.on_deadline(sweep.job_id, now, self.limits, pool)
+            if decision.completed:
+                logger.warning("Job %s reached its deadline with open slots", sweep.job_id)
+            return decision
+        if sweep.action == "lease" and sweep.attempt_id:
+            self._apply_renewal(flight, sweep.attempt_id)
+            if now < self._started_at + timedelta(seconds=self.limits.lease_s):
+                return None
+            decision = flight.on_lease_expired(sweep.attempt_id, now, self.limits, pool)
+            if decision.dispatch or decision.cancel:
+                logger.warning(
+                    "Lease of attempt %s of job %s expired; re-dispatching it with epoch %s",
+                    sweep.attempt_id, sweep.job_id,
+                    decision.dispatch[0].epoch if decision.dispatch else "none (job ended)",
+                )
+                self._renewals.pop(sweep.attempt_id, None)
+            return decision
+
+        removed = flight.expire(now, self.settings.coordinator.retention_s, self.limits)
+        for job_id in removed:
+            logger.info("Removed finished job %s of key %s from the flights table",
+                        job_id, flight.job_key)
+        if flight.empty:
+            # Deleting the key writes a tombstone, so compaction drops it from the changelog.
+            self.flights.pop(flight.job_key, None)
+            logger.info("Removed empty flight %s", flight.job_key)
+            return None
+        return Decision()
+
+    def _apply_renewal(self, flight: FlightState, attempt_id: str) -> None:
+        renewal = self._renewals.get(attempt_id)
+        if renewal is not None:
+            epoch, worker_id, until = renewal
+            flight.renew_lease(attempt_id, epoch, worker_id, until)
+
+    # ---- publishing ---------------------------------------------------------------------------
+
+    async def _publish(self, flight: FlightState, decision: Decision) -> None:
+        for claim in decision.claims:
+            await self._send_claim_decision(claim)
+        for cancel in decision.cancel:
+            self.pool.claimed(cancel.attempt_id)
+            self._renewals.pop(cancel.attempt_id, None)
+            await self.control_topic.send(
+                key=(cancel.worker_id or cancel.attempt_id).encode(), value=encode_event(cancel))
+            logger.info("Cancelling attempt %s of job %s on %s: %s", cancel.attempt_id,
+                        cancel.job_id, cancel.worker_id or "no worker yet", cancel.reason)
         for attempt in decision.dispatch:
-            await self._send_attempt(attempt, parent_headers)
-        if decision.completed is not None:
-            await self._send_completion(state, decision.completed, parent_headers)
+            await self._send_attempt(flight, attempt)
+        for record, outcome in decision.outcomes:
+            self._record_outcome(flight, record, outcome)
+        for completed in decision.completed:
+            await self._send_completion(flight, completed)
 
-    def _job_headers(self, state: JobState) -> list[tuple[str, bytes]]:
-        if not state.traceparent:
-            return []
-        return [("traceparent", state.traceparent.encode())]
+    async def _send_claim_decision(self, claim: ClaimDecision) -> None:
+        self.pool.claimed(claim.attempt_id)
+        if claim.granted:
+            assert claim.lease_expires_at is not None
+            self._renewals[claim.attempt_id] = (claim.epoch, claim.worker_id,
+                                                claim.lease_expires_at)
+        else:
+            logger.info("Denied claim of attempt %s (epoch %d) by %s: %s", claim.attempt_id,
+                        claim.epoch, claim.worker_id, claim.reason)
+        await self.control_topic.send(key=claim.worker_id.encode(), value=encode_event(claim))
 
-    async def _send_attempt(
-        self, attempt: AttemptDispatched, parent_headers: list[tuple[str, bytes]]
-    ) -> None:
+    def _job_context(self, flight: FlightState, job_id: str) -> Any:
+        job = flight.jobs.get(job_id)
+        if job is None or not job.traceparent:
+            return None
+        return extract_context([("traceparent", job.traceparent.encode())])
+
+    async def _send_attempt(self, flight: FlightState, attempt: AttemptDispatched) -> None:
         topic = self.attempt_topics[attempt.tier]
         with stage_span(
             self.tracer, f"send {topic.get_topic_name()}", "dispatch",
-            parent=extract_context(parent_headers), kind=SpanKind.PRODUCER,
+            parent=self._job_context(flight, attempt.job_id), kind=SpanKind.PRODUCER,
             attributes={
                 "messaging.system": "kafka",
                 "messaging.operation.type": "send",
                 "messaging.destination.name": topic.get_topic_name(),
                 "slotforge.job.id": attempt.job_id,
                 "slotforge.attempt.id": attempt.attempt_id,
-                "slotforge.slot": attempt.slot,
-                "slotforge.attempt.number": attempt.attempt_no,
+                "slotforge.attempt.epoch": attempt.epoch,
+                "slotforge.tier": attempt.tier.value,
             },
         ) as span:
             await topic.send(
                 key=attempt.attempt_id.encode(), value=encode_event(attempt),
                 headers=inject_headers(span),
             )
-        logger.debug("Dispatched attempt %s of job %s slot %d (attempt %d)",
-                     attempt.attempt_id, attempt.job_id, attempt.slot, attempt.attempt_no)
+        self.pool.dispatched(attempt.attempt_id)
+        logger.debug("Dispatched attempt %s (epoch %d) of job %s",
+                     attempt.attempt_id, attempt.epoch, attempt.job_id)
 
-    async def _send_completion(
-        self, state: JobState, completed: JobCompleted, parent_headers: list[tuple[str, bytes]]
-    ) -> None:
-        parent = extract_context(parent_headers)
+    def _record_outcome(self, flight: FlightState, record: AttemptRecord, outcome: str) -> None:
+        """Record one span per ended attempt, so SQL can sum GPU-seconds by outcome."""
+        span = self.tracer.start_span(
+            "attempt", context=self._job_context(flight, record.job_id),
+            start_time=datetime_ns(record.dispatched_at),
+            attributes={
+                "slotforge.stage": "attempt",
+                "slotforge.job.id": record.job_id,
+                "slotforge.attempt.id": record.attempt_id,
+                "slotforge.attempt.epoch": record.epoch,
+                "slotforge.attempt.outcome": outcome,
+                "slotforge.worker.id": record.worker_id or "",
+                "slotforge.gpu_s": record.gpu_s,
+                "gen_ai.request.model": flight.params.model,
+            },
+        )
+        span.end()
+
+    async def _send_completion(self, flight: FlightState, completed: JobCompleted) -> None:
+        parent = self._job_context(flight, completed.job_id)
+        fallback = sum(1 for slot in completed.slots if slot.fallback)
+        cached = sum(1 for slot in completed.slots if slot.cached)
+        gpu_s = sum(record.gpu_s for record in flight.attempts.values()
+                    if record.job_id == completed.job_id)
         attributes = {
             "slotforge.job.id": completed.job_id,
             "slotforge.tenant.id": completed.tenant_id,
@@ -365,10 +509,11 @@ class Coordinator:
             "slotforge.tier": completed.tier.value,
             "slotforge.slots": completed.requested_slots,
             "slotforge.slots.filled": len(completed.slots),
-            "slotforge.slots.fallback": sum(1 for slot in completed.slots if slot.fallback),
+            "slotforge.slots.fallback": fallback,
+            "slotforge.slots.cached": cached,
             "slotforge.attempts": completed.attempts,
-            "slotforge.gpu_s": round(state.gpu_s_total, 6),
-            "gen_ai.request.model": state.params.model,
+            "slotforge.gpu_s": round(gpu_s, 6),
+            "gen_ai.request.model": flight.params.model,
         }
         # The job span covers the whole job, from request to completion.
         job_span = self.tracer.start_span(
@@ -385,36 +530,53 @@ class Coordinator:
                 headers=inject_headers(span),
             )
         logger.info(
-            "Job %s ended %s with %d/%d slots after %d attempts%s",
+            "Job %s ended %s with %d/%d slots (%d fallback, %d cached) after %d attempts%s",
             completed.job_id, completed.status.value, len(completed.slots),
-            completed.requested_slots, completed.attempts,
+            completed.requested_slots, fallback, cached, completed.attempts,
             f" ({completed.reason})" if completed.reason else "",
         )
 
-    # ---- sweeps -------------------------------------------------------------------------------
+    # ---- sweeps ---------------------------------------------------------------------------------
 
     async def _sweep_timer(self) -> None:
-        """Ask partition owners to end jobs past their deadline and forget old finished jobs.
+        """Ask partition owners to end late jobs, reclaim expired leases and forget old state.
 
-        Tables may only change inside an agent, so the timer sends a sweep event through the
+        Tables may only change inside an agent, so the timer sends sweep events through the
         co-partitioned events topic instead of changing the table itself.
         """
         now = _utc_now()
+        for job_key, raw in list(self.flights.items()):
+            for sweep in self._sweeps_for(job_key, raw, now):
+                marker = (job_key, sweep.action, sweep.attempt_id or sweep.job_id)
+                if marker in self._sweeps_sent:
+                    continue
+                self._sweeps_sent.add(marker)
+                await self.events_topic.send(key=job_key.encode(), value=encode_event(sweep))
+
+    def _sweeps_for(self, job_key: str, raw: dict[str, Any], now: datetime) -> Iterable[JobSweep]:
         retention = timedelta(seconds=self.settings.coordinator.retention_s)
-        for job_id, raw in list(self.jobs.items()):
-            phase = raw.get("phase")
-            if phase == "running":
-                deadline = datetime.fromisoformat(raw["deadline_at"])
-                action = "deadline" if now >= deadline else None
-            else:
-                finished = raw.get("finished_at")
-                expired = finished and now - datetime.fromisoformat(finished) >= retention
-                action = "expire" if expired else None
-            if action is None or (job_id, action) in self._sweeps_sent:
+        lease_floor = self._started_at + timedelta(seconds=self.limits.lease_s)
+        any_job = next(iter(raw.get("jobs", {})), "-")
+        expire = bool(raw.get("cache")) and not raw.get("jobs")
+        for job_id, job in raw.get("jobs", {}).items():
+            if job.get("status") is None:
+                if now >= datetime.fromisoformat(job["deadline_at"]):
+                    yield JobSweep(job_id=job_id, job_key=job_key, action="deadline")
+            elif job.get("finished_at") and \
+                    now - datetime.fromisoformat(job["finished_at"]) >= retention:
+                expire = True
+        for attempt_id, attempt in raw.get("attempts", {}).items():
+            lease = attempt.get("lease_expires_at")
+            if attempt.get("phase") not in ("dispatched", "running") or lease is None:
                 continue
-            self._sweeps_sent.add((job_id, action))
-            sweep = JobSweep(job_id=job_id, job_key=raw["job_key"], action=action)
-            await self.events_topic.send(key=sweep.job_key.encode(), value=encode_event(sweep))
+            renewal = self._renewals.get(attempt_id)
+            expires = max(datetime.fromisoformat(lease), lease_floor,
+                          renewal[2] if renewal is not None else lease_floor)
+            if now >= expires:
+                yield JobSweep(job_id=attempt["job_id"], job_key=job_key, action="lease",
+                               attempt_id=attempt_id)
+        if expire:
+            yield JobSweep(job_id=any_job, job_key=job_key, action="expire")
 
 
 def _job_ids_from(value: bytes | None) -> tuple[str, str] | None:

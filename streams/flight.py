@@ -1,0 +1,560 @@
+"""State of one flight: the running jobs that share a cache key, their attempts and cache.
+
+Identical requests (same tenant, user, normalized prompt and parameters) share one key, so
+they land on one coordinator partition and one entry of the flights table. Jobs in a
+flight share their attempts (single-flight): an accepted result fills the oldest open
+slot of any job in the flight, and surplus accepted results stay in the key's cache for
+the next regeneration. The key starts with the tenant id, so a cache entry can only ever
+reach jobs of the tenant and user that produced it.
+
+Every transition is pure: it takes an event and the time, changes the state, and returns
+the events to publish. A redelivered event changes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.events import (
+    AttemptCancel,
+    AttemptClaim,
+    AttemptDispatched,
+    AttemptFinished,
+    AttemptProgress,
+    AttemptStarted,
+    AttemptStatus,
+    ClaimDecision,
+    GenerationParams,
+    JobCompleted,
+    JobRequested,
+    JobStatus,
+    ResultScored,
+    SlotResult,
+    Tier,
+)
+from streams.racing import RaceInputs, RacingPolicy, attempts_to_launch
+
+AttemptPhase = Literal[
+    "dispatched", "running", "generated", "accepted", "rejected", "failed", "cancelled"
+]
+_LIVE_PHASES = ("dispatched", "running", "generated")
+_SEED_STRIDE = 1_000_003
+
+
+@dataclass(frozen=True)
+class FlightLimits:
+    """Coordinator settings that shape every flight."""
+
+    max_attempts_per_slot: int = 4
+    lease_s: float = 10.0
+    cache_ttl_s: float = 3_600.0
+    cache_max_entries: int = 16
+    policy: RacingPolicy = RacingPolicy.ADAPTIVE
+
+
+@dataclass(frozen=True)
+class PoolView:
+    """What the coordinator knows about the GPU pool and downstream stages right now."""
+
+    acceptance_rate: float = 0.5
+    idle_slots: int = 0
+    backpressure: bool = False
+
+
+@dataclass
+class Decision:
+    """Events the coordinator must publish after one transition."""
+
+    dispatch: list[AttemptDispatched] = field(default_factory=list)
+    cancel: list[AttemptCancel] = field(default_factory=list)
+    claims: list[ClaimDecision] = field(default_factory=list)
+    completed: list[JobCompleted] = field(default_factory=list)
+    # Attempts that ended for good in this transition, with their outcome, for accounting.
+    outcomes: list[tuple[AttemptRecord, str]] = field(default_factory=list)
+
+    def extend(self, other: Decision) -> Decision:
+        self.dispatch += other.dispatch
+        self.cancel += other.cancel
+        self.claims += other.claims
+        self.completed += other.completed
+        self.outcomes += other.outcomes
+        return self
+
+
+class AttemptRecord(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    attempt_id: str
+    job_id: str
+    seq: int
+    seed: int
+    epoch: int = 1
+    phase: AttemptPhase = "dispatched"
+    worker_id: str | None = None
+    lease_expires_at: datetime | None = None
+    dispatched_at: datetime
+    gpu_s: float = 0.0
+    score: float | None = None
+    artifact_uri: str | None = None
+    error: str | None = None
+    cancel_reason: str | None = None
+    used: bool = False
+
+    @property
+    def live(self) -> bool:
+        return self.phase in _LIVE_PHASES
+
+
+class CacheEntry(BaseModel):
+    attempt_id: str
+    artifact_uri: str
+    score: float
+    created_at: datetime
+
+
+class JobRecord(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: str
+    tier: Tier
+    requested_slots: int
+    attempt_limit: int
+    attempts_charged: int = 0
+    requested_at: datetime
+    admitted_at: datetime
+    deadline_at: datetime
+    traceparent: str | None = None
+    status: JobStatus | None = None
+    slots: list[SlotResult] = Field(default_factory=list)
+    finished_at: datetime | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.status is None
+
+    @property
+    def open_slots(self) -> int:
+        return self.requested_slots - len(self.slots) if self.running else 0
+
+    @property
+    def budget_left(self) -> int:
+        return max(0, self.attempt_limit - self.attempts_charged) if self.running else 0
+
+
+class FlightState(BaseModel):
+    """Everything the coordinator keeps for one cache key; stored as JSON in a faust table."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    job_key: str
+    tenant_id: str
+    user_id: str
+    params: GenerationParams
+    seed_base: int
+    seq: int = 0
+    jobs: dict[str, JobRecord] = Field(default_factory=dict)
+    attempts: dict[str, AttemptRecord] = Field(default_factory=dict)
+    cache: list[CacheEntry] = Field(default_factory=list)
+
+    @classmethod
+    def for_request(cls, request: JobRequested) -> FlightState:
+        seed = request.seed if request.seed is not None else _seed_from(request.job_key)
+        return cls(job_key=request.job_key, tenant_id=request.tenant_id,
+                   user_id=request.user_id, params=request.params, seed_base=seed)
+
+    # ---- views -------------------------------------------------------------------------
+
+    def running_jobs(self) -> list[JobRecord]:
+        return sorted((job for job in self.jobs.values() if job.running),
+                      key=lambda job: job.admitted_at)
+
+    def live_attempts(self) -> list[AttemptRecord]:
+        return [record for record in self.attempts.values() if record.live]
+
+    def queued_attempts(self) -> int:
+        return sum(1 for record in self.attempts.values() if record.phase == "dispatched")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.running_jobs()) or bool(self.live_attempts())
+
+    # ---- admission -----------------------------------------------------------------------
+
+    def admit(self, request: JobRequested, now: datetime, limits: FlightLimits,
+              pool: PoolView, traceparent: str | None = None) -> Decision:
+        """Add a new job: fill what the cache holds, then race for the rest."""
+        if request.job_id in self.jobs:
+            return Decision(dispatch=self.pending_dispatches(now))
+
+        job = JobRecord(
+            job_id=request.job_id,
+            tier=request.tier,
+            requested_slots=request.slots,
+            attempt_limit=request.slots * limits.max_attempts_per_slot,
+            requested_at=request.requested_at,
+            admitted_at=now,
+            deadline_at=now + timedelta(seconds=request.deadline_s),
+            traceparent=traceparent,
+        )
+        self.jobs[job.job_id] = job
+        self._drop_expired_cache(now, limits)
+        while job.open_slots and self.cache:
+            entry = self.cache.pop(0)
+            job.slots.append(SlotResult(slot=len(job.slots), attempt_id=entry.attempt_id,
+                                        artifact_uri=entry.artifact_uri, score=entry.score,
+                                        cached=True))
+        return self._settle(now, limits, pool)
+
+    def pending_dispatches(self, now: datetime) -> list[AttemptDispatched]:
+        """Dispatch events of attempts no worker has claimed yet, to publish again.
+
+        A coordinator that crashed between storing its table and publishing uses this;
+        the attempt ids and epochs are unchanged, so claims keep them from running twice.
+        """
+        return [self._dispatch_event(record, now) for record in self.attempts.values()
+                if record.phase == "dispatched"]
+
+    # ---- claims and progress ---------------------------------------------------------------
+
+    def on_claim(self, claim: AttemptClaim, now: datetime, limits: FlightLimits) -> Decision:
+        """Grant the attempt's lease to one worker at a time; the epoch is the fencing token."""
+        record = self.attempts.get(claim.attempt_id)
+        job = self.jobs.get(record.job_id) if record is not None else None
+        reason = ""
+        if record is None or job is None:
+            reason = "unknown attempt"
+        elif claim.epoch < record.epoch:
+            reason = f"stale dispatch: epoch {claim.epoch} < current epoch {record.epoch}"
+        elif not record.live or record.phase == "generated":
+            reason = f"attempt already {record.phase}"
+        elif (record.worker_id not in (None, claim.worker_id) and record.lease_expires_at
+              and record.lease_expires_at > now):
+            reason = (f"lease held by {record.worker_id} until "
+                      f"{record.lease_expires_at.isoformat()}")
+        if reason:
+            return Decision(claims=[ClaimDecision(
+                attempt_id=claim.attempt_id, job_id=claim.job_id, job_key=claim.job_key,
+                epoch=claim.epoch, worker_id=claim.worker_id, granted=False, reason=reason,
+            )])
+
+        assert record is not None
+        record.worker_id = claim.worker_id
+        record.lease_expires_at = now + timedelta(seconds=limits.lease_s)
+        return Decision(claims=[ClaimDecision(
+            attempt_id=record.attempt_id, job_id=record.job_id, job_key=self.job_key,
+            epoch=record.epoch, worker_id=claim.worker_id, granted=True,
+            lease_expires_at=record.lease_expires_at,
+        )])
+
+    def on_started(self, event: AttemptStarted) -> Decision:
+        record = self.attempts.get(event.attempt_id)
+        if record is None or event.epoch != record.epoch:
+            return self._cancel_stale(event.attempt_id, event.job_id, event.epoch,
+                                      event.worker_id)
+        if record.phase == "dispatched":
+            record.phase = "running"
+            record.worker_id = event.worker_id
+        elif record.phase == "cancelled":
+            return Decision(cancel=[self._cancel_event(record, record.cancel_reason or "")])
+        return Decision()
+
+    def on_progress(self, event: AttemptProgress) -> Decision:
+        """Tell a worker to stop when its progress belongs to a fenced or cancelled attempt."""
+        record = self.attempts.get(event.attempt_id)
+        if record is None or event.epoch != record.epoch:
+            return self._cancel_stale(event.attempt_id, event.job_id, event.epoch,
+                                      event.worker_id)
+        if record.phase == "cancelled":
+            return Decision(cancel=[self._cancel_event(record, record.cancel_reason or "")])
+        return Decision()
+
+    def _cancel_stale(self, attempt_id: str, job_id: str, epoch: int,
+                      worker_id: str) -> Decision:
+        return Decision(cancel=[AttemptCancel(
+            attempt_id=attempt_id, job_id=job_id, job_key=self.job_key, epoch=epoch,
+            worker_id=worker_id, reason="fenced: a newer epoch owns this attempt",
+        )])
+
+    def on_lease_expired(self, attempt_id: str, now: datetime, limits: FlightLimits,
+                         pool: PoolView) -> Decision:
+        """Re-dispatch an attempt whose worker stopped renewing its lease, with a higher epoch."""
+        record = self.attempts.get(attempt_id)
+        if record is None or record.phase not in ("dispatched", "running"):
+            return Decision()
+        if record.lease_expires_at is None or record.lease_expires_at > now:
+            return Decision()
+
+        decision = Decision(cancel=[self._cancel_event(record, "lease expired")])
+        job = self.jobs.get(record.job_id)
+        if job is None or not job.running:
+            record.phase = "cancelled"
+            record.cancel_reason = "lease expired after the job ended"
+            decision.outcomes.append((record.model_copy(), "timed_out"))
+            return decision
+        record.epoch += 1
+        record.phase = "dispatched"
+        record.worker_id = None
+        record.lease_expires_at = None
+        record.dispatched_at = now
+        decision.dispatch.append(self._dispatch_event(record, now))
+        return decision
+
+    def renew_lease(self, attempt_id: str, epoch: int, worker_id: str, until: datetime) -> bool:
+        """Extend a lease from a progress heartbeat of its current holder."""
+        record = self.attempts.get(attempt_id)
+        if record is None or record.epoch != epoch or record.worker_id != worker_id:
+            return False
+        if record.phase not in ("dispatched", "running"):
+            return False
+        record.lease_expires_at = until
+        return True
+
+    # ---- results -----------------------------------------------------------------------------
+
+    def on_finished(self, event: AttemptFinished, now: datetime, limits: FlightLimits,
+                    pool: PoolView) -> Decision:
+        record = self.attempts.get(event.attempt_id)
+        if record is None or event.epoch != record.epoch:
+            return Decision()
+        if record.phase == "cancelled" and record.gpu_s == 0.0:
+            # The worker confirms a cancellation: account for the GPU time it used.
+            record.gpu_s = event.gpu_s
+            if event.status == AttemptStatus.SUCCEEDED:
+                record.artifact_uri = event.artifact_uri
+                return Decision()
+            return Decision(outcomes=[(record.model_copy(), "cancelled")])
+        if record.phase not in ("dispatched", "running"):
+            return Decision()
+
+        record.gpu_s = event.gpu_s
+        record.worker_id = event.worker_id
+        if event.status == AttemptStatus.SUCCEEDED:
+            record.phase = "generated"
+            record.artifact_uri = event.artifact_uri
+            return Decision()
+
+        outcome = "cancelled" if event.status == AttemptStatus.CANCELLED else "failed"
+        if record.phase != "cancelled":
+            record.phase = outcome
+        record.error = event.error
+        decision = Decision(outcomes=[(record.model_copy(), outcome)])
+        return decision.extend(self._settle(now, limits, pool))
+
+    def on_scored(self, event: ResultScored, now: datetime, limits: FlightLimits,
+                  pool: PoolView) -> Decision:
+        record = self.attempts.get(event.attempt_id)
+        if record is None:
+            return Decision()
+        if event.epoch < record.epoch:
+            # A fenced worker's late result never fills a slot, but may serve the cache.
+            if event.accepted and not record.used and record.phase != "accepted":
+                self._add_to_cache(event.attempt_id, event.artifact_uri, event.score, now, limits)
+            return Decision()
+        if record.phase in ("accepted", "rejected"):
+            return Decision()
+
+        record.score = event.score
+        record.artifact_uri = event.artifact_uri
+        if event.accepted:
+            record.phase = "accepted"
+            job = next((job for job in self.running_jobs() if job.open_slots), None)
+            if job is not None:
+                self._fill(job, record, fallback=False)
+                outcome = "accepted"
+            else:
+                self._add_to_cache(record.attempt_id, event.artifact_uri, event.score, now,
+                                   limits)
+                outcome = "cached"
+        else:
+            record.phase = "rejected"
+            outcome = "rejected"
+        decision = Decision(outcomes=[(record.model_copy(), outcome)])
+        return decision.extend(self._settle(now, limits, pool))
+
+    def on_deadline(self, job_id: str, now: datetime, limits: FlightLimits,
+                    pool: PoolView) -> Decision:
+        """End a job whose deadline passed, filling open slots with fallback results."""
+        job = self.jobs.get(job_id)
+        if job is None or not job.running or now < job.deadline_at:
+            return Decision()
+        decision = Decision(completed=[self._complete(job, now, "deadline reached")])
+        return decision.extend(self._settle(now, limits, pool))
+
+    def replan(self, now: datetime, limits: FlightLimits, pool: PoolView) -> Decision:
+        return self._settle(now, limits, pool)
+
+    # ---- housekeeping ----------------------------------------------------------------------
+
+    def expire(self, now: datetime, retention_s: float, limits: FlightLimits) -> list[str]:
+        """Forget finished jobs past retention and dead attempts; returns the jobs removed."""
+        removed = [
+            job.job_id for job in self.jobs.values()
+            if not job.running and job.finished_at is not None
+            and (now - job.finished_at).total_seconds() >= retention_s
+        ]
+        for job_id in removed:
+            del self.jobs[job_id]
+        if not self.running_jobs():
+            self.attempts = {key: record for key, record in self.attempts.items()
+                             if record.live}
+        self._drop_expired_cache(now, limits)
+        return removed
+
+    @property
+    def empty(self) -> bool:
+        return not self.jobs and not self.attempts and not self.cache
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _settle(self, now: datetime, limits: FlightLimits, pool: PoolView) -> Decision:
+        """Complete what can be completed, cancel surplus attempts, launch what is needed."""
+        decision = Decision()
+        for job in self.running_jobs():
+            if job.open_slots == 0:
+                decision.completed.append(self._complete(job, now, None))
+            elif job.budget_left == 0 and not self._has_live_attempts(job.job_id):
+                reason = f"attempt limit of {job.attempt_limit} reached"
+                decision.completed.append(self._complete(job, now, reason))
+
+        open_slots = sum(job.open_slots for job in self.running_jobs())
+        live = self.live_attempts()
+        if open_slots == 0:
+            for record in live:
+                if record.phase in ("dispatched", "running"):
+                    decision.cancel.append(self._cancel(record, "slots filled"))
+            return decision
+
+        race = attempts_to_launch(limits.policy, RaceInputs(
+            open_slots=open_slots,
+            in_flight=len(live),
+            acceptance_rate=pool.acceptance_rate,
+            budget_left=sum(job.budget_left for job in self.running_jobs()),
+            pool_idle_slots=pool.idle_slots,
+            backpressure=pool.backpressure,
+        ))
+        for _ in range(race.total):
+            job = next((job for job in self.running_jobs() if job.budget_left), None)
+            if job is None:
+                break
+            decision.dispatch.append(self._new_attempt(job, now))
+        return decision
+
+    def _has_live_attempts(self, job_id: str) -> bool:
+        return any(record.job_id == job_id for record in self.live_attempts())
+
+    def _new_attempt(self, job: JobRecord, now: datetime) -> AttemptDispatched:
+        self.seq += 1
+        job.attempts_charged += 1
+        record = AttemptRecord(
+            attempt_id=f"{job.job_id}-{self.seq}",
+            job_id=job.job_id,
+            seq=self.seq,
+            seed=(self.seed_base + self.seq * _SEED_STRIDE) % 2**63,
+            dispatched_at=now,
+        )
+        self.attempts[record.attempt_id] = record
+        return self._dispatch_event(record, now)
+
+    def _dispatch_event(self, record: AttemptRecord, now: datetime) -> AttemptDispatched:
+        job = self.jobs[record.job_id]
+        return AttemptDispatched(
+            attempt_id=record.attempt_id,
+            job_id=record.job_id,
+            job_key=self.job_key,
+            tenant_id=self.tenant_id,
+            slot=min(len(job.slots), job.requested_slots - 1),
+            attempt_no=record.seq,
+            epoch=record.epoch,
+            params=self.params,
+            seed=record.seed,
+            tier=job.tier,
+            dispatched_at=now,
+            deadline_at=job.deadline_at,
+        )
+
+    def _cancel(self, record: AttemptRecord, reason: str) -> AttemptCancel:
+        record.phase = "cancelled"
+        record.cancel_reason = reason
+        return self._cancel_event(record, reason)
+
+    def _cancel_event(self, record: AttemptRecord, reason: str) -> AttemptCancel:
+        return AttemptCancel(
+            attempt_id=record.attempt_id, job_id=record.job_id, job_key=self.job_key,
+            epoch=record.epoch, worker_id=record.worker_id, reason=reason,
+        )
+
+    def _fill(self, job: JobRecord, record: AttemptRecord, *, fallback: bool) -> None:
+        assert record.artifact_uri is not None and record.score is not None
+        record.used = True
+        job.slots.append(SlotResult(slot=len(job.slots), attempt_id=record.attempt_id,
+                                    artifact_uri=record.artifact_uri, score=record.score,
+                                    fallback=fallback))
+
+    def _complete(self, job: JobRecord, now: datetime, reason: str | None) -> JobCompleted:
+        # Open slots take the best-scoring rejected generations, marked as fallback.
+        if job.open_slots:
+            candidates = sorted(
+                (record for record in self.attempts.values()
+                 if record.phase == "rejected" and not record.used
+                 and record.artifact_uri and record.score is not None),
+                key=lambda record: record.score or 0.0, reverse=True,
+            )
+            for record in candidates[:job.open_slots]:
+                self._fill(job, record, fallback=True)
+
+        filled = len(job.slots)
+        if filled == job.requested_slots:
+            status = JobStatus.COMPLETED
+        elif filled:
+            status = JobStatus.PARTIAL
+        else:
+            status = JobStatus.FAILED
+        job.status = status
+        job.finished_at = now
+        return JobCompleted(
+            job_id=job.job_id,
+            job_key=self.job_key,
+            tenant_id=self.tenant_id,
+            user_id=self.user_id,
+            status=status,
+            requested_slots=job.requested_slots,
+            slots=list(job.slots),
+            attempts=job.attempts_charged,
+            tier=job.tier,
+            requested_at=job.requested_at,
+            completed_at=now,
+            reason=reason,
+        )
+
+    def _add_to_cache(self, attempt_id: str, artifact_uri: str, score: float,
+                      now: datetime, limits: FlightLimits) -> None:
+        if any(entry.attempt_id == attempt_id for entry in self.cache):
+            return
+        record = self.attempts.get(attempt_id)
+        if record is not None:
+            record.used = True
+        self.cache.append(CacheEntry(attempt_id=attempt_id, artifact_uri=artifact_uri,
+                                     score=score, created_at=now))
+        self.cache.sort(key=lambda entry: entry.score, reverse=True)
+        del self.cache[limits.cache_max_entries:]
+
+    def _drop_expired_cache(self, now: datetime, limits: FlightLimits) -> list[CacheEntry]:
+        ttl = timedelta(seconds=limits.cache_ttl_s)
+        expired = [entry for entry in self.cache if now - entry.created_at >= ttl]
+        if expired:
+            self.cache = [entry for entry in self.cache if now - entry.created_at < ttl]
+        return expired
+
+
+def parameter_class(params: GenerationParams) -> str:
+    """The class whose acceptance rate is estimated together: model, size and steps."""
+    return f"{params.model}|{params.width}x{params.height}|{params.steps}"
+
+
+def _seed_from(job_key: str) -> int:
+    return int.from_bytes(hashlib.sha256(job_key.encode()).digest()[:8], "big") % 2**63

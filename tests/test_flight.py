@@ -1,0 +1,293 @@
+"""Flight state: racing, claims with fencing, cancellation, fallback, cache and single-flight."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from schemas.events import (
+    AttemptClaim,
+    AttemptDispatched,
+    AttemptFinished,
+    AttemptStatus,
+    GenerationParams,
+    JobRequested,
+    JobStatus,
+    ResultScored,
+)
+from streams.flight import Decision, FlightLimits, FlightState, PoolView
+from streams.racing import RacingPolicy
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+SEQUENTIAL = FlightLimits(max_attempts_per_slot=3, policy=RacingPolicy.SEQUENTIAL)
+ADAPTIVE = FlightLimits(max_attempts_per_slot=3, policy=RacingPolicy.ADAPTIVE)
+BUSY = PoolView(acceptance_rate=0.5, idle_slots=0)
+
+
+def _request(slots: int = 2, tenant: str = "t", user: str = "u", prompt: str = "plan",
+             deadline_s: float = 60) -> JobRequested:
+    return JobRequested(tenant_id=tenant, user_id=user,
+                        params=GenerationParams(model="M1", prompt=prompt, steps=10),
+                        slots=slots, deadline_s=deadline_s)
+
+
+def _admit(request: JobRequested, limits: FlightLimits = SEQUENTIAL,
+           pool: PoolView = BUSY, flight: FlightState | None = None
+           ) -> tuple[FlightState, Decision]:
+    flight = flight or FlightState.for_request(request)
+    return flight, flight.admit(request, NOW, limits, pool)
+
+
+def _finish(flight: FlightState, attempt: AttemptDispatched, limits: FlightLimits = SEQUENTIAL,
+            status: AttemptStatus = AttemptStatus.SUCCEEDED, epoch: int | None = None,
+            pool: PoolView = BUSY) -> Decision:
+    event = AttemptFinished(
+        attempt_id=attempt.attempt_id, job_id=attempt.job_id, job_key=attempt.job_key,
+        epoch=epoch or attempt.epoch, worker_id="w", status=status, slot=attempt.slot,
+        artifact_uri=f"file:///{attempt.attempt_id}.png", gpu_s=1.0,
+    )
+    return flight.on_finished(event, NOW, limits, pool)
+
+
+def _score(flight: FlightState, attempt: AttemptDispatched, accepted: bool,
+           score: float = 0.5, limits: FlightLimits = SEQUENTIAL,
+           epoch: int | None = None, pool: PoolView = BUSY) -> Decision:
+    _finish(flight, attempt, limits, epoch=epoch, pool=pool)
+    event = ResultScored(
+        attempt_id=attempt.attempt_id, job_id=attempt.job_id, job_key=attempt.job_key,
+        epoch=epoch or attempt.epoch, slot=attempt.slot,
+        artifact_uri=f"file:///{attempt.attempt_id}.png", score=score, accepted=accepted,
+        reason="test",
+    )
+    return flight.on_scored(event, NOW, limits, pool)
+
+
+def _claim(flight: FlightState, attempt: AttemptDispatched, worker: str,
+           now: datetime = NOW, epoch: int | None = None) -> bool:
+    claim = AttemptClaim(attempt_id=attempt.attempt_id, job_id=attempt.job_id,
+                         job_key=attempt.job_key, epoch=epoch or attempt.epoch,
+                         worker_id=worker)
+    return flight.on_claim(claim, now, SEQUENTIAL).claims[0].granted
+
+
+def test_sequential_dispatches_one_per_slot() -> None:
+    _, decision = _admit(_request(slots=3))
+    assert len(decision.dispatch) == 3
+    assert len({attempt.attempt_id for attempt in decision.dispatch}) == 3
+    assert len({attempt.seed for attempt in decision.dispatch}) == 3
+
+
+def test_adaptive_races_by_acceptance_rate() -> None:
+    _, decision = _admit(_request(slots=4), ADAPTIVE, PoolView(acceptance_rate=0.5,
+                                                                idle_slots=0))
+    assert len(decision.dispatch) == 8
+
+
+def test_adaptive_hedges_only_into_idle_pool() -> None:
+    pool = PoolView(acceptance_rate=0.5, idle_slots=20)
+    _, decision = _admit(_request(slots=4), ADAPTIVE, pool)
+    assert len(decision.dispatch) == 12
+
+
+def test_adaptive_skips_speculation_under_backpressure() -> None:
+    pool = PoolView(acceptance_rate=0.5, idle_slots=20, backpressure=True)
+    _, decision = _admit(_request(slots=4), ADAPTIVE, pool)
+    assert len(decision.dispatch) == 8
+
+
+def test_filled_slots_cancel_surplus_attempts() -> None:
+    flight, decision = _admit(_request(slots=1), ADAPTIVE)
+    first, second = decision.dispatch
+    assert _claim(flight, second, "w2")
+    result = _score(flight, first, True, limits=ADAPTIVE)
+    assert result.completed[0].status == JobStatus.COMPLETED
+    assert [cancel.attempt_id for cancel in result.cancel] == [second.attempt_id]
+    assert result.cancel[0].worker_id == "w2"
+
+
+def test_rejection_retries_then_completes() -> None:
+    flight, decision = _admit(_request(slots=1))
+    retry = _score(flight, decision.dispatch[0], False).dispatch
+    assert len(retry) == 1
+    done = _score(flight, retry[0], True)
+    assert done.completed[0].status == JobStatus.COMPLETED
+    assert done.completed[0].attempts == 2
+
+
+def test_attempt_limit_falls_back_to_best_rejected() -> None:
+    flight, decision = _admit(_request(slots=1))
+    attempt = decision.dispatch[0]
+    scores = [0.3, 0.45, 0.2]
+    result = Decision()
+    for score in scores:
+        result = _score(flight, attempt, False, score=score)
+        if result.dispatch:
+            attempt = result.dispatch[0]
+    completed = result.completed[0]
+    assert completed.status == JobStatus.COMPLETED
+    assert completed.slots[0].fallback
+    assert completed.slots[0].score == 0.45
+
+
+def test_failed_attempts_without_fallback_fail_job() -> None:
+    flight, decision = _admit(_request(slots=1))
+    attempt = decision.dispatch[0]
+    for _ in range(3):
+        result = _finish(flight, attempt, status=AttemptStatus.FAILED)
+        if result.dispatch:
+            attempt = result.dispatch[0]
+    assert result.completed[0].status == JobStatus.FAILED
+
+
+def test_deadline_ends_job_partial() -> None:
+    flight, decision = _admit(_request(slots=2))
+    _score(flight, decision.dispatch[0], True)
+    job_id = decision.dispatch[0].job_id
+    assert flight.on_deadline(job_id, NOW, SEQUENTIAL, BUSY).completed == []
+    later = NOW + timedelta(seconds=61)
+    result = flight.on_deadline(job_id, later, SEQUENTIAL, BUSY)
+    assert result.completed[0].status == JobStatus.PARTIAL
+    assert result.completed[0].reason == "deadline reached"
+
+
+def test_claim_granted_to_one_worker_per_lease() -> None:
+    flight, decision = _admit(_request(slots=1))
+    attempt = decision.dispatch[0]
+    assert _claim(flight, attempt, "w1")
+    assert not _claim(flight, attempt, "w2")
+    assert _claim(flight, attempt, "w1")
+
+
+def test_expired_lease_redispatches_with_higher_epoch() -> None:
+    flight, decision = _admit(_request(slots=1))
+    attempt = decision.dispatch[0]
+    assert _claim(flight, attempt, "w1")
+    later = NOW + timedelta(seconds=SEQUENTIAL.lease_s + 1)
+    result = flight.on_lease_expired(attempt.attempt_id, later, SEQUENTIAL, BUSY)
+    assert result.dispatch[0].attempt_id == attempt.attempt_id
+    assert result.dispatch[0].epoch == attempt.epoch + 1
+    assert result.cancel[0].worker_id == "w1"
+    assert not _claim(flight, attempt, "w2", later)
+    assert _claim(flight, result.dispatch[0], "w2", later)
+
+
+def test_stale_epoch_result_never_fills_slot() -> None:
+    flight, decision = _admit(_request(slots=1))
+    attempt = decision.dispatch[0]
+    _claim(flight, attempt, "w1")
+    later = NOW + timedelta(seconds=SEQUENTIAL.lease_s + 1)
+    newer = flight.on_lease_expired(attempt.attempt_id, later, SEQUENTIAL, BUSY).dispatch[0]
+
+    stale = _score(flight, attempt, True, epoch=attempt.epoch)
+    assert stale.completed == []
+    assert [entry.attempt_id for entry in flight.cache] == [attempt.attempt_id]
+
+    fresh = _score(flight, newer, True)
+    assert fresh.completed[0].status == JobStatus.COMPLETED
+
+
+def test_redelivered_score_changes_nothing() -> None:
+    flight, decision = _admit(_request(slots=2))
+    _score(flight, decision.dispatch[0], True)
+    before = flight.model_dump()
+    assert _score(flight, decision.dispatch[0], True).completed == []
+    assert flight.model_dump() == before
+
+
+def test_surplus_goes_to_cache_and_serves_regeneration() -> None:
+    request = _request(slots=1)
+    flight, decision = _admit(request, FlightLimits(policy=RacingPolicy.FIXED_RACE))
+    first, second = decision.dispatch
+    _score(flight, first, True, limits=FlightLimits(policy=RacingPolicy.FIXED_RACE))
+    _score(flight, second, True, limits=FlightLimits(policy=RacingPolicy.FIXED_RACE))
+    assert [entry.attempt_id for entry in flight.cache] == [second.attempt_id]
+
+    again = _request(slots=1)
+    result = flight.admit(again, NOW, SEQUENTIAL, BUSY)
+    assert result.dispatch == []
+    slot = result.completed[0].slots[0]
+    assert slot.cached and slot.attempt_id == second.attempt_id
+    assert flight.cache == []
+
+
+def test_cache_entries_expire_by_ttl() -> None:
+    limits = FlightLimits(policy=RacingPolicy.FIXED_RACE, cache_ttl_s=10)
+    flight, decision = _admit(_request(slots=1), limits)
+    for attempt in decision.dispatch:
+        _score(flight, attempt, True, limits=limits)
+    assert len(flight.cache) == 1
+    later = NOW + timedelta(seconds=11)
+    result = flight.admit(_request(slots=1), later, limits, BUSY)
+    assert result.completed == []
+    assert flight.cache == []
+
+
+def test_identical_jobs_share_attempts() -> None:
+    first_request = _request(slots=1)
+    flight, first = _admit(first_request)
+    second = flight.admit(_request(slots=1), NOW, SEQUENTIAL, BUSY)
+    assert len(first.dispatch) == 1
+    assert len(second.dispatch) == 1
+
+    done = _score(flight, first.dispatch[0], True)
+    assert [job.job_id for job in done.completed] == [first_request.job_id]
+    done = _score(flight, second.dispatch[0], True)
+    assert len(done.completed) == 1
+
+
+def test_state_survives_json_round_trip() -> None:
+    flight, decision = _admit(_request(slots=2), ADAPTIVE)
+    _score(flight, decision.dispatch[0], False, limits=ADAPTIVE)
+    restored = FlightState.model_validate(flight.model_dump(mode="json"))
+    assert restored == flight
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["t1", "t2", "t3"]), st.sampled_from(["u1", "u2"]),
+                  st.sampled_from(["plan a", "Plan  A", "plan b"]), st.booleans()),
+        min_size=1, max_size=25,
+    )
+)
+def test_cache_never_crosses_tenants(jobs: list[tuple[str, str, str, bool]]) -> None:
+    """Whatever jobs run, a slot only ever holds a generation of its own tenant and user."""
+    limits = FlightLimits(policy=RacingPolicy.FIXED_RACE, max_attempts_per_slot=2)
+    flights: dict[str, FlightState] = {}
+    producer_of: dict[str, tuple[str, str]] = {}
+    for tenant, user, prompt, accept in jobs:
+        request = _request(slots=1, tenant=tenant, user=user, prompt=prompt)
+        flight = flights.setdefault(request.job_key, FlightState.for_request(request))
+        decision = flight.admit(request, NOW, limits, BUSY)
+        for attempt in decision.dispatch:
+            producer_of[attempt.attempt_id] = (tenant, user)
+        completed = list(decision.completed)
+        for attempt in decision.dispatch:
+            completed += _score(flight, attempt, accept, limits=limits).completed
+        for job in completed:
+            assert job.tenant_id == tenant
+            for slot in job.slots:
+                assert producer_of[slot.attempt_id] == (tenant, user)
+    for key, flight in flights.items():
+        for entry in flight.cache:
+            assert producer_of[entry.attempt_id][0] == key.split(":")[0]
+
+
+@pytest.mark.parametrize("policy", list(RacingPolicy))
+def test_every_policy_completes_job(policy: RacingPolicy) -> None:
+    limits = FlightLimits(policy=policy, max_attempts_per_slot=4)
+    pool = PoolView(acceptance_rate=0.5, idle_slots=4)
+    flight, decision = _admit(_request(slots=3), limits, pool)
+    pending = list(decision.dispatch)
+    completed = []
+    accept = True
+    while pending and not completed:
+        attempt = pending.pop(0)
+        result = _score(flight, attempt, accept, limits=limits, pool=pool)
+        accept = not accept
+        pending += result.dispatch
+        completed += result.completed
+    assert completed and completed[0].status == JobStatus.COMPLETED
