@@ -3,6 +3,9 @@
 The worker consumes ``attempts.<tier>`` for every tier in one consumer group and fetches only
 while a slot is free. For each attempt it publishes ``attempt.started``, ``attempt.progress``
 heartbeats and ``attempt.finished`` to the coordinator events topic, keyed by the job key.
+Before it runs an attempt it claims it and waits for the coordinator's grant on the control
+topic, which it follows from every partition; a cancellation there stops the attempt at
+its next denoising step. Every second it reports its busy slots on the status topic.
 A succeeded attempt also goes to the generated topic for post-processing. Offsets are
 committed only up to the oldest attempt that has not finished.
 
@@ -21,10 +24,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaError
 from opentelemetry import context as otel_context
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import Span, SpanKind, StatusCode
 
 from gpu_inference.artifacts import ArtifactStore
 from gpu_inference.offsets import FlowControlledConsumer
@@ -37,18 +40,28 @@ from gpu_inference.pipeline import (
 )
 from schemas.errors import EventDecodeError
 from schemas.events import (
+    AttemptCancel,
+    AttemptClaim,
     AttemptDispatched,
     AttemptFinished,
     AttemptProgress,
     AttemptStarted,
     AttemptStatus,
+    ClaimDecision,
     Tier,
+    WorkerStatus,
     decode_event,
     encode_event,
     utc_now,
 )
 from streams.config import Settings, load_settings
-from streams.kafka import Headers, make_consumer, make_producer, send_to_deadletter
+from streams.kafka import (
+    Headers,
+    make_consumer,
+    make_producer,
+    send_to_deadletter,
+    topic_partitions,
+)
 from streams.service import serve
 from streams.tracing import Tracing, extract_context, inject_headers, record_wait, stage_span
 
@@ -129,6 +142,10 @@ class GpuWorker:
         # Running attempts by attempt id; a redelivered record joins the attempt already running.
         self._running: dict[str, _Attempt] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Claims waiting for the coordinator's decision, by attempt id and epoch.
+        self._claims: dict[tuple[str, int], asyncio.Future[ClaimDecision]] = {}
+        self.control: AIOKafkaConsumer = make_consumer(settings.kafka, group_id=None,
+                                                       auto_offset_reset="latest")
 
     async def run(self, stop: asyncio.Event) -> None:
         topics = [self.topics.attempts(tier) for tier in Tier]
@@ -144,23 +161,122 @@ class GpuWorker:
         self.fetcher.subscribe(topics)
         await self.producer.start()
         try:
+            await self._start_control()
             await self.fetcher.consumer.start()
             try:
                 async with asyncio.TaskGroup() as services:
-                    publisher = services.create_task(self.tracing.publish_routine(self.producer))
+                    background = [
+                        services.create_task(self.tracing.publish_routine(self.producer)),
+                        services.create_task(self._control_routine()),
+                        services.create_task(self._status_routine()),
+                    ]
                     try:
                         await self._consume(stop)
                     finally:
+                        await self._send_status(stopping=True)
                         await self._commit_and_flush()
-                        publisher.cancel()
+                        for task in background:
+                            task.cancel()
             finally:
                 # Stopping the consumer leaves the group, so its partitions move at once.
                 await self.fetcher.consumer.stop()
+                await self.control.stop()
         finally:
             await self.producer.stop()
             self.executor.shutdown(wait=False, cancel_futures=True)
             self.tracing.shutdown()
             logger.info("Stopped GPU worker %s", self.worker_id)
+
+    async def _start_control(self) -> None:
+        """Position on the end of every control partition before the first claim goes out."""
+        await self.control.start()
+        partitions = await topic_partitions(self.settings.kafka, self.topics.control)
+        self.control.assign(partitions)
+        await self.control.seek_to_end(*partitions)
+        for partition in partitions:
+            await self.control.position(partition)
+
+    async def _control_routine(self) -> None:
+        while True:
+            batches = await self.control.getmany(timeout_ms=200)
+            for records in batches.values():
+                for record in records:
+                    self._on_control(record)
+
+    def _on_control(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        try:
+            message = decode_event(record.value, ClaimDecision, AttemptCancel)
+        except EventDecodeError as err:
+            logger.warning("Ignoring undecodable control record %s[%d]@%d: %s",
+                           record.topic, record.partition, record.offset, err)
+            return
+        if isinstance(message, ClaimDecision):
+            if message.worker_id != self.worker_id:
+                return
+            waiter = self._claims.get((message.attempt_id, message.epoch))
+            if waiter is not None and not waiter.done():
+                waiter.set_result(message)
+            return
+
+        attempt = self._running.get(message.attempt_id)
+        if attempt is None or message.epoch < attempt.event.epoch:
+            return
+        if message.worker_id not in (None, self.worker_id):
+            return
+        logger.info("Cancelling attempt %s (epoch %d) of job %s: %s", message.attempt_id,
+                    message.epoch, message.job_id, message.reason)
+        attempt.request_cancel(message.reason, error_type="cancelled", retriable=False)
+        waiter = self._claims.get((message.attempt_id, attempt.event.epoch))
+        if waiter is not None and not waiter.done():
+            waiter.set_result(ClaimDecision(
+                attempt_id=message.attempt_id, job_id=message.job_id, job_key=message.job_key,
+                epoch=attempt.event.epoch, worker_id=self.worker_id, granted=False,
+                reason=f"cancelled: {message.reason}",
+            ))
+
+    async def _status_routine(self) -> None:
+        while True:
+            await self._send_status(stopping=False)
+            await asyncio.sleep(self.settings.worker.status_interval_s)
+
+    async def _send_status(self, *, stopping: bool) -> None:
+        warm = getattr(self.runner, "warm_models", None)
+        status = WorkerStatus(
+            worker_id=self.worker_id, slots=self.slots, busy=len(self._running),
+            warm_models=list(warm()) if callable(warm) else [], stopping=stopping,
+        )
+        try:
+            await self.producer.send(self.topics.worker_status, encode_event(status),
+                                     key=self.worker_id.encode())
+        except KafkaError:
+            logger.warning("Failed to publish the status of worker %s", self.worker_id)
+
+    async def _claim(self, attempt: _Attempt, stop_at: float) -> ClaimDecision | None:
+        """Claim the attempt and wait for the decision, asking again if none arrives in time.
+
+        Returns None when the attempt's deadline passes or it is cancelled while waiting.
+        """
+        event = attempt.event
+        key = (event.attempt_id, event.epoch)
+        claim = AttemptClaim(attempt_id=event.attempt_id, job_id=event.job_id,
+                             job_key=event.job_key, epoch=event.epoch, worker_id=self.worker_id)
+        try:
+            while time.time() < stop_at and not attempt.cancel.is_set():
+                waiter = self._claims.setdefault(
+                    key, asyncio.get_running_loop().create_future())
+                await self.producer.send_and_wait(
+                    self.topics.coordinator_events, encode_event(claim),
+                    key=event.job_key.encode("utf-8"))
+                try:
+                    return await asyncio.wait_for(asyncio.shield(waiter),
+                                                  self.settings.worker.claim_timeout_s)
+                except TimeoutError:
+                    logger.warning("No claim decision for attempt %s (epoch %d) after %.1f s; "
+                                   "claiming again", event.attempt_id, event.epoch,
+                                   self.settings.worker.claim_timeout_s)
+            return None
+        finally:
+            self._claims.pop(key, None)
 
     async def _commit_and_flush(self) -> None:
         try:
@@ -271,12 +387,7 @@ class GpuWorker:
                 },
             ) as span:
                 headers = inject_headers(span)
-                outcome = await self._generate(attempt, headers)
-                span.set_attribute("slotforge.gpu_s", outcome.gpu_s)
-                span.set_attribute("slotforge.status", outcome.status.value)
-                if outcome.status is not AttemptStatus.SUCCEEDED:
-                    span.set_status(StatusCode.ERROR, outcome.error or outcome.status.value)
-                await self._publish_finished(attempt, outcome, headers)
+                await self._claim_and_run(attempt, span, headers)
         except KafkaError:
             # The records stay uncommitted, so the next owner of the partition runs them again.
             logger.exception(
@@ -290,6 +401,28 @@ class GpuWorker:
             self.fetcher.wake()
         for record in attempt.records:
             self.fetcher.finish(record)
+
+    async def _claim_and_run(self, attempt: _Attempt, span: Span, headers: Headers) -> None:
+        event = attempt.event
+        if event.deadline_at > utc_now():
+            decision = await self._claim(attempt, event.deadline_at.timestamp())
+            if decision is None or not decision.granted:
+                reason = decision.reason if decision is not None else "no claim decision"
+                logger.info("Not running attempt %s (epoch %d) of job %s: %s",
+                            event.attempt_id, event.epoch, event.job_id, reason)
+                span.set_attribute("slotforge.status", "not_claimed")
+                span.set_attribute("slotforge.claim.reason", reason)
+                return
+        # Past its deadline the attempt never runs, so reporting that needs no lease.
+        await self._run_claimed(attempt, span, headers)
+
+    async def _run_claimed(self, attempt: _Attempt, span: Span, headers: Headers) -> None:
+        outcome = await self._generate(attempt, headers)
+        span.set_attribute("slotforge.gpu_s", outcome.gpu_s)
+        span.set_attribute("slotforge.status", outcome.status.value)
+        if outcome.status is not AttemptStatus.SUCCEEDED:
+            span.set_status(StatusCode.ERROR, outcome.error or outcome.status.value)
+        await self._publish_finished(attempt, outcome, headers)
 
     async def _generate(self, attempt: _Attempt, headers: Headers) -> _Outcome:
         event = attempt.event

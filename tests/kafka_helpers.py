@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -74,3 +75,50 @@ async def wait_until(predicate: Callable[[], Any], timeout_s: float = 60.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"{message} not met within {timeout_s:.0f} s")
         await asyncio.sleep(0.1)
+
+
+class ClaimGranter:
+    """Plays the coordinator's claim role in worker tests: the first claimant of each
+    attempt and epoch gets the lease, later claimants are denied."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+        self.topics = settings.topics
+        self.holders: dict[tuple[str, int], str] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> ClaimGranter:
+        self._reader = TopicReader(self.settings, self.topics.coordinator_events)
+        await self._reader.__aenter__()
+        self._producer = make_producer(self.settings)
+        await self._producer.start()
+        self._task = asyncio.create_task(self._routine())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self._producer.stop()
+        await self._reader.__aexit__()
+
+    async def _routine(self) -> None:
+        from schemas.events import AttemptClaim, ClaimDecision, decode_event, encode_event
+
+        while True:
+            for record in await self._reader.poll():
+                try:
+                    claim = decode_event(record.value, AttemptClaim)
+                except Exception:  # noqa: BLE001 - other event types share the topic
+                    continue
+                holder = self.holders.setdefault((claim.attempt_id, claim.epoch),
+                                                 claim.worker_id)
+                decision = ClaimDecision(
+                    attempt_id=claim.attempt_id, job_id=claim.job_id, job_key=claim.job_key,
+                    epoch=claim.epoch, worker_id=claim.worker_id,
+                    granted=holder == claim.worker_id,
+                    reason="" if holder == claim.worker_id else f"lease held by {holder}",
+                )
+                await self._producer.send_and_wait(
+                    self.topics.control, encode_event(decision), key=claim.worker_id.encode())

@@ -32,7 +32,7 @@ from schemas.events import (
 )
 from streams.config import Settings
 from streams.kafka import group_lag, header_value
-from tests.kafka_helpers import TopicReader, produce
+from tests.kafka_helpers import ClaimGranter, TopicReader, produce
 
 pytestmark = pytest.mark.integration
 
@@ -74,10 +74,18 @@ async def _send(settings: Settings, attempt: AttemptDispatched) -> None:
     )
 
 
+@pytest.fixture(autouse=True)
+async def claims(settings: Settings) -> AsyncIterator[ClaimGranter]:
+    """Grant the worker's claims as the coordinator would."""
+    async with ClaimGranter(settings.kafka) as granter:
+        yield granter
+
+
 def _events(records: Records) -> list[Any]:
     return [
         decode_event(record.value, AttemptStarted, AttemptProgress, AttemptFinished)
         for record in records
+        if b'"attempt.claim"' not in (record.value or b"")
     ]
 
 
@@ -123,7 +131,8 @@ async def test_worker_runs_attempts_end_to_end(settings: Settings) -> None:
         await spans.wait_for(lambda seen: len(seen) >= 6, timeout_s=30)
 
     by_attempt: dict[str, list[tuple[ConsumerRecord[bytes, bytes], Any]]] = {}
-    for record, event in zip(events.records, _events(events.records), strict=True):
+    lifecycle = [record for record in events.records if b'"attempt.claim"' not in record.value]
+    for record, event in zip(lifecycle, _events(lifecycle), strict=True):
         by_attempt.setdefault(event.attempt_id, []).append((record, event))
 
     for attempt in attempts:
