@@ -14,8 +14,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,59 +27,19 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 from PIL import Image
 
+from gpu_inference.generation import (
+    GenerationCancelled,
+    GenerationRequest,
+    GenerationResult,
+    StepCallback,
+)
 from schemas.errors import PermanentError, SlotforgeError
-from schemas.events import GenerationParams
 
 logger = logging.getLogger(__name__)
-
-# Called on the generating thread after each denoising step with (completed steps, total steps).
-StepCallback = Callable[[int, int], None]
 
 # The random UNet runs self-attention at half the image side, so its cost grows with the fourth
 # power of the side. At 256x256 one step took about 16 s on one CPU core of a 2-core VM.
 RANDOM_MAX_SIDE_PX = 256
-
-
-class GenerationCancelled(SlotforgeError):
-    """The attempt's cancel flag was set, so the generation stopped before its next step."""
-
-    retriable = False
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """Inputs of one generation: the sampler settings of a job and the attempt's seed."""
-
-    model: str
-    prompt: str
-    steps: int
-    width: int
-    height: int
-    seed: int
-    negative_prompt: str = ""
-    guidance_scale: float = 7.5
-
-    @classmethod
-    def from_params(cls, params: GenerationParams, seed: int) -> GenerationRequest:
-        return cls(
-            model=params.model,
-            prompt=params.prompt,
-            negative_prompt=params.negative_prompt,
-            steps=params.steps,
-            width=params.width,
-            height=params.height,
-            guidance_scale=params.guidance_scale,
-            seed=seed,
-        )
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """A generated image and the seconds it occupied the device, model loading excluded."""
-
-    image: Image.Image
-    gpu_s: float
-    device: str
 
 
 def resolve_device(device: str) -> torch.device:
@@ -255,6 +213,17 @@ def _run_loaded_pipeline(
 
 class DiffusersRunner:
     """Run generations on one device; safe to call from several threads at once."""
+
+    is_retriable = staticmethod(is_retriable)
+    configure_thread = staticmethod(configure_worker_thread)
+
+    def warm_models(self) -> list[str]:
+        """Model ids whose pipelines are loaded in this process."""
+        with self._lock:
+            models = {model for model, _, _ in self._random_pipelines}
+        if self._loaded is not None and self.model_path:
+            models.add(self.model_path)
+        return sorted(models)
 
     def __init__(self, model_path: str | None = None, device: str = "auto") -> None:
         self.model_path = model_path

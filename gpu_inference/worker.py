@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaError
@@ -31,13 +32,7 @@ from opentelemetry.trace import Span, SpanKind, StatusCode
 
 from gpu_inference.artifacts import ArtifactStore
 from gpu_inference.offsets import FlowControlledConsumer
-from gpu_inference.pipeline import (
-    DiffusersRunner,
-    GenerationCancelled,
-    GenerationRequest,
-    configure_worker_thread,
-    is_retriable,
-)
+from gpu_inference.generation import GenerationCancelled, GenerationRequest
 from schemas.errors import EventDecodeError
 from schemas.events import (
     AttemptCancel,
@@ -105,6 +100,17 @@ class _Outcome:
     retriable: bool = False
 
 
+def build_runner(settings: Settings) -> Any:
+    """The simulated GPU when configured, else diffusers (imported here, since it loads torch)."""
+    if settings.worker.simulation.enabled:
+        from gpu_inference.simulated import SimulatedRunner
+
+        return SimulatedRunner(settings.worker.simulation)
+    from gpu_inference.pipeline import DiffusersRunner
+
+    return DiffusersRunner(settings.worker.model_path, settings.worker.device)
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -116,7 +122,7 @@ class GpuWorker:
         self,
         settings: Settings,
         *,
-        runner: DiffusersRunner | None = None,
+        runner: Any | None = None,
         stop_grace_s: float = STOP_GRACE_S,
     ) -> None:
         self.settings = settings
@@ -125,7 +131,7 @@ class GpuWorker:
         self.group_id = settings.worker.group_id
         self.topics = settings.topics
         self.stop_grace_s = stop_grace_s
-        self.runner = runner or DiffusersRunner(settings.worker.model_path, settings.worker.device)
+        self.runner = runner or build_runner(settings)
         self.store = ArtifactStore(settings.artifact_dir)
         self.tracing = Tracing("gpu-worker", settings.tracing, settings.topics.spans)
         self.producer: AIOKafkaProducer = make_producer(settings.kafka)
@@ -136,7 +142,7 @@ class GpuWorker:
         self.executor = ThreadPoolExecutor(
             max_workers=self.slots,
             thread_name_prefix="gpu-slot",
-            initializer=configure_worker_thread,
+            initializer=self.runner.configure_thread,
             initargs=(self.slots,),
         )
         # Running attempts by attempt id; a redelivered record joins the attempt already running.
@@ -513,7 +519,7 @@ class GpuWorker:
                 gpu_s=time.perf_counter() - started,
                 error_type=type(err).__name__,
                 error=str(err)[:_MAX_ERROR_CHARS],
-                retriable=is_retriable(err),
+                retriable=self.runner.is_retriable(err),
             )
 
         try:

@@ -99,6 +99,21 @@ class CoordinatorSettings(BaseModel):
     retention_s: float = Field(default=3_600.0, ge=0)
 
 
+class SimulationSettings(BaseModel):
+    """The simulated GPU used by benchmarks and fault tests in place of diffusers."""
+
+    enabled: bool = False
+    p50_s: float = Field(default=1.0, gt=0)
+    # Lognormal sigma; 0.99 makes p99 about ten times p50.
+    sigma: float = Field(default=0.99, ge=0)
+    acceptance: float = Field(default=0.5, ge=0, le=1)
+    # Each extra attempt on the same device stretches every step by this fraction.
+    slowdown_per_attempt: float = Field(default=0.0, ge=0)
+    hang_fraction: float = Field(default=0.0, ge=0, le=1)
+    hang_s: float = Field(default=3_600.0, gt=0)
+    crash_fraction: float = Field(default=0.0, ge=0, le=1)
+
+
 class WorkerSettings(BaseModel):
     group_id: str = "slotforge-gpu"
     worker_id: str | None = None
@@ -110,6 +125,7 @@ class WorkerSettings(BaseModel):
     status_interval_s: float = Field(default=1.0, gt=0)
     # Seconds to wait for the coordinator's answer to a claim before asking again.
     claim_timeout_s: float = Field(default=5.0, gt=0)
+    simulation: SimulationSettings = SimulationSettings()
 
 
 class PostprocessSettings(BaseModel):
