@@ -327,3 +327,31 @@ async def test_rebalance_mid_attempt_runs_once(settings: Settings) -> None:
     for tier in Tier:
         topic = single.topics.attempts(tier)
         assert await group_lag(single.kafka, single.worker.group_id, topic) == 0, topic
+
+
+async def test_cancel_stops_running_attempt(settings: Settings) -> None:
+    from schemas.events import AttemptCancel
+
+    attempt = _dispatch(steps=400)
+    configured = _with_worker(settings, worker_id="gpu-cancel", slots=1)
+    async with TopicReader(settings.kafka, settings.topics.coordinator_events) as events:
+        async with _running(worker.run, configured):
+            await _send(settings, attempt)
+            await events.wait_for(
+                lambda seen: any(isinstance(event, AttemptProgress) and event.step >= 2
+                                 for event in _events(seen)), timeout_s=120)
+            cancel = AttemptCancel(attempt_id=attempt.attempt_id, job_id=attempt.job_id,
+                                   job_key=attempt.job_key, epoch=attempt.epoch,
+                                   worker_id="gpu-cancel", reason="slots filled")
+            await produce(settings.kafka, settings.topics.control, encode_event(cancel),
+                          key=b"gpu-cancel")
+            await events.wait_for(_count_finished(1), timeout_s=60)
+
+    finished = _finished(events.records)[0]
+    assert finished.status == AttemptStatus.CANCELLED
+    assert "slots filled" in (finished.error or "")
+    assert not finished.retriable
+    assert finished.gpu_s > 0
+    steps = [event.step for event in _events(events.records)
+             if isinstance(event, AttemptProgress)]
+    assert max(steps) < 400
