@@ -3,10 +3,11 @@
 It reads ``jobs.requested`` and the co-partitioned ``coordinator.events`` topic, both keyed
 by the job's cache key, so every event of a flight of identical jobs lands on one
 partition and one entry of the ``flights`` table. It races attempts to fill each job's
-slots, grants claims under leases with fencing epochs, cancels surplus attempts through
-the control topic, falls back to the best rejected results at the attempt limit or
-deadline, serves regenerations from the cache and publishes ``jobs.completed``. A
-restarted coordinator rebuilds its table from the changelog topic and carries on.
+slots and grants claims under leases with fencing epochs. Surplus attempts are cancelled
+through the control topic. At the attempt limit or deadline, open slots fall back to the
+best rejected results. Regenerations are served from the cache, and every job ends with
+a ``jobs.completed`` event. A restarted coordinator rebuilds its table from the
+changelog topic and carries on.
 """
 
 from __future__ import annotations
@@ -294,7 +295,7 @@ class Coordinator:
         }
 
     async def _reject_invalid(self, event: EventT, error: EventDecodeError) -> None:
-        """Answer an invalid request with a rejection when it names a job, else dead-letter it."""
+        """Reject an invalid request that names its job, else dead-letter it."""
         ids = _job_ids_from(event.value)
         if ids is None or error.error_type not in ("validation", "unsupported_version"):
             await self._dead_letter(event, error)
@@ -580,7 +581,7 @@ class Coordinator:
 
 
 def _job_ids_from(value: bytes | None) -> tuple[str, str] | None:
-    """Pull job and tenant ids out of an invalid request so the client can be told."""
+    """Extract job and tenant ids from an invalid request, so the rejection can reach the client."""
     try:
         raw = json.loads(value or b"")
     except (ValueError, UnicodeDecodeError):

@@ -47,6 +47,17 @@ class StepClass(NamedTuple):
     height: int
 
 
+# Seconds spent at each concurrency level, as (level, seconds) pairs with distinct levels.
+Exposure = tuple[tuple[int, float], ...]
+
+
+class StepSample(NamedTuple):
+    """Steps an attempt completed between two progress reports, and the time they took."""
+
+    exposure: Exposure
+    steps: int
+
+
 @dataclass(frozen=True)
 class EstimatorConfig:
     """Parameters of the estimator; all times are seconds per denoising step."""
@@ -116,7 +127,10 @@ class _Series:
         if value is not None:
             return value
 
-        value = float(self.sketch.get_quantile_value(q))
+        raw = self.sketch.get_quantile_value(q)
+        # The estimator reads only series with at least min_samples (>= 1) samples.
+        assert raw is not None, "quantile of an empty sketch"
+        value = float(raw)
         if q > 0.9:
             median_s = self.quantile(0.5, refresh_fraction)
             p90_s = self.quantile(0.9, refresh_fraction)
@@ -147,6 +161,33 @@ class StepTimeEstimator:
         self._medians_valid_until = 0
 
     # ---- learning ---------------------------------------------------------------------------
+
+    def observe_sample(self, step_class: StepClass, sample: StepSample) -> None:
+        """Learn from the steps between two progress reports.
+
+        An interval at one concurrency level feeds that level and the class. An interval
+        during which the level changed feeds only the class, normalised with the current
+        slowdown estimates. Dropping it entirely would bias the data towards fast steps,
+        because a slow step is more likely to span a change of level.
+        """
+        if sample.steps <= 0 or not sample.exposure:
+            raise ValueError(
+                f"a sample needs at least one step and some time, got {sample.steps} steps "
+                f"over {sample.exposure!r}"
+            )
+        if len(sample.exposure) == 1:
+            level, seconds = sample.exposure[0]
+            self.observe(step_class, level, seconds / sample.steps, sample.steps)
+            return
+
+        alone_s = 0.0
+        for level, seconds in sample.exposure:
+            if level < 1 or not 0.0 < seconds < math.inf:
+                raise ValueError(f"invalid exposure entry ({level}, {seconds}) in a sample")
+            alone_s += seconds / self.slowdown(level)
+        normalised = self._series.get((step_class, 0)) or self._new_series(step_class, 0)
+        normalised.add(alone_s / sample.steps, sample.steps)
+        self._samples_total += 1
 
     def observe(
         self, step_class: StepClass, concurrency: int, step_s: float, steps: float = 1.0
@@ -213,9 +254,16 @@ class StepTimeEstimator:
 
         refresh = self.config.refresh_fraction
         exact = self._trusted(step_class, concurrency)
-        if exact is not None:
-            return exact.quantile(q, refresh)
         normalised = self._trusted(step_class, 0)
+        if exact is not None:
+            value = exact.quantile(q, refresh)
+            if q > 0.5 and normalised is not None:
+                # Samples at one level under-represent slow steps, which more often span a
+                # change of level. The class series learns from every interval, so its tail
+                # ratio bounds this level's tail.
+                class_ratio = normalised.quantile(q, refresh) / normalised.quantile(0.5, refresh)
+                value = max(value, exact.quantile(0.5, refresh) * class_ratio)
+            return value
         if normalised is not None:
             return normalised.quantile(q, refresh) * self.slowdown(concurrency)
         z = normal_quantile(q)

@@ -1,12 +1,12 @@
 """Execution timeouts for running attempts: baseline policies and the adaptive one.
 
 Every policy is pure and deterministic. The caller keeps one ``AttemptObservation`` per
-running attempt, updates it with ``record_progress`` and ``record_concurrency``, and asks
+running attempt, updates it with ``record_progress`` and ``record_concurrency``, and calls
 ``policy.decide(observation, now_s)`` for a ``TimeoutDecision``. Time is always passed in, as
 seconds on any monotonic clock the caller uses consistently.
 
 The observation starts when a worker starts the attempt, so time spent queued before that
-never counts against the attempt's execution budget; only the job deadline covers both.
+never counts against the attempt's execution budget. Only the job deadline covers both.
 
 Use by the coordinator::
 
@@ -15,7 +15,7 @@ Use by the coordinator::
                             concurrency=running_on_worker, retries_left=retries)
     obs, sample = record_progress(obs, event.step, now_s)       # on AttemptProgress
     if sample is not None:
-        estimator.observe(obs.step_class, sample.concurrency, sample.step_s, sample.steps)
+        estimator.observe_sample(obs.step_class, sample)
     obs = record_concurrency(obs, running_on_worker, now_s)      # when the level changes
     decision = policy.decide(obs, now_s)   # after each update and at decision.next_check_at_s
 """
@@ -25,17 +25,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol
+from typing import Literal, Protocol
 
-from streams.step_times import StepClass, StepTimeEstimator
+from streams.step_times import Exposure, StepClass, StepSample, StepTimeEstimator
 
 logger = logging.getLogger(__name__)
 
 TimeoutAction = Literal["keep", "kill_hung", "kill_deadline"]
 POLICY_NAMES = ("fixed_p99", "fixed_3x_p50", "heartbeat_fixed", "adaptive")
-
-# Seconds spent at each concurrency level, as (level, seconds) pairs with distinct levels.
-Exposure = tuple[tuple[int, float], ...]
 
 # Tolerance for comparing a check time with the time it was scheduled for, so that float
 # rounding never turns a due kill into an endless series of checks a few ulps early.
@@ -44,10 +41,10 @@ _TIME_EPSILON_S = 1e-6
 
 @dataclass(frozen=True, slots=True)
 class AttemptObservation:
-    """What the coordinator has seen of one running attempt.
+    """The coordinator's record of one running attempt's progress and concurrency.
 
-    ``progress_exposure`` covers the time from the start to the last progress report and
-    ``silence_exposure`` the time from the last report to ``segment_start_s``; the time since
+    ``progress_exposure`` covers the time from the start to the last progress report, and
+    ``silence_exposure`` the time from the last report to ``segment_start_s``. The time since
     ``segment_start_s`` ran at ``concurrency``. Keeping seconds per level lets a policy
     re-estimate both spans with its latest step-time estimates at every decision.
     """
@@ -63,27 +60,19 @@ class AttemptObservation:
     segment_start_s: float
     progress_exposure: Exposure = ()
     silence_exposure: Exposure = ()
-    # Attempts the slot may still dispatch after this one, and other attempts for the same
-    # slot that are queued or running (hedges); both decide whether this attempt is the
-    # last one able to fill its slot.
+    # Attempts the slot may still dispatch after this one, and other attempts (hedges) for
+    # the same slot that are queued or running. Together they decide whether this attempt
+    # is the last one able to fill its slot.
     retries_left: int = 0
     other_attempts_in_flight: int = 0
-
-
-class StepSample(NamedTuple):
-    """Steps completed at one concurrency level, to feed ``StepTimeEstimator.observe``."""
-
-    concurrency: int
-    step_s: float
-    steps: int
 
 
 @dataclass(frozen=True, slots=True)
 class TimeoutDecision:
     """A policy's verdict on one attempt at one moment.
 
-    ``next_check_at_s`` is when the verdict may change if nothing else happens (``inf``
-    when it never will); a progress report or concurrency change calls for an earlier check.
+    ``next_check_at_s`` is when the verdict may change if nothing else happens, or ``inf``
+    when it never will. A progress report or concurrency change calls for an earlier check.
     """
 
     action: TimeoutAction
@@ -93,7 +82,8 @@ class TimeoutDecision:
 
 
 class TimeoutPolicy(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def decide(self, observation: AttemptObservation, now_s: float) -> TimeoutDecision: ...
 
@@ -140,9 +130,9 @@ def record_progress(
 ) -> tuple[AttemptObservation, StepSample | None]:
     """Record that the attempt completed ``step`` steps at ``at_s``.
 
-    Returns the new observation and, when the steps since the previous report all ran at
-    one concurrency level, the sample to learn from. A report that does not advance the
-    step count (a redelivered or reordered event) returns the observation unchanged.
+    Returns the new observation and the sample to learn from, or None when no time passed
+    since the previous report. A report that does not advance the step count (a redelivered
+    or reordered event) returns the observation unchanged.
     """
     step = min(step, observation.total_steps)
     if step <= observation.steps_done:
@@ -152,10 +142,7 @@ def record_progress(
     steps = step - observation.steps_done
     current_s = at_s - observation.segment_start_s
     silence = _add_exposure(observation.silence_exposure, observation.concurrency, current_s)
-    sample = None
-    interval_s = at_s - observation.last_progress_at_s
-    if len(silence) <= 1 and interval_s > 0.0:
-        sample = StepSample(observation.concurrency, interval_s / steps, steps)
+    sample = StepSample(silence, steps) if silence else None
 
     progress = observation.progress_exposure
     for level, seconds in silence:
@@ -343,37 +330,17 @@ class AdaptiveTimeout:
 
     def decide(self, observation: AttemptObservation, now_s: float) -> TimeoutDecision:
         obs = observation
-        config = self.config
-        step_class = obs.step_class
-        median_now_s = self.estimator.median_step_s(step_class, obs.concurrency)
-
-        # Silence so far, in median steps: finished segments plus the current one.
-        current_s = max(0.0, now_s - obs.segment_start_s)
-        silence_units = self._units(step_class, obs.silence_exposure) + current_s / median_now_s
+        median_now_s = self.estimator.median_step_s(obs.step_class, obs.concurrency)
+        # The attempt's own pace in median steps per step; 1 until it reports a step.
         if obs.steps_done > 0:
-            speed = self._units(step_class, obs.progress_exposure) / obs.steps_done
-            allowed_units = config.progress_slack * speed
+            speed = self._units(obs.step_class, obs.progress_exposure) / obs.steps_done
         else:
             speed = 1.0
-            tail_s = self.estimator.step_quantile_s(
-                step_class, obs.concurrency, config.first_step_quantile
-            )
-            allowed_units = config.first_step_slack * tail_s / median_now_s
-
         last_viable = self._is_last_viable(obs, now_s, median_now_s)
-        if last_viable:
-            allowed_units *= config.last_viable_slack_factor
-        hung_at_s = now_s + (allowed_units - silence_units) * median_now_s
-        if obs.steps_done == 0:
-            hung_at_s += config.startup_allowance_s
-        if obs.steps_done >= obs.total_steps:
-            floor_s = config.final_step_silence_s
-        else:
-            floor_s = config.min_silence_s
-        hung_at_s = max(hung_at_s, obs.last_progress_at_s + floor_s)
-
+        hung_at_s = self._hung_at_s(obs, now_s, median_now_s, speed, last_viable)
         remaining_steps = max(obs.total_steps - obs.steps_done, 0)
         expected_remaining_s = remaining_steps * speed * median_now_s
+
         if now_s >= hung_at_s - _TIME_EPSILON_S:
             silent_s = now_s - obs.last_progress_at_s
             limit_s = hung_at_s - obs.last_progress_at_s
@@ -389,16 +356,66 @@ class AdaptiveTimeout:
             return TimeoutDecision(
                 "kill_deadline", "the job deadline passed", expected_remaining_s, math.inf
             )
-
         next_check_at_s = min(hung_at_s, obs.deadline_at_s)
-        if obs.steps_done < config.min_steps_for_projection:
+        if obs.steps_done < self.config.min_steps_for_projection:
             return TimeoutDecision(
                 "keep", "waiting for progress", expected_remaining_s, next_check_at_s
             )
+        return self._decide_on_deadline(
+            obs, now_s, speed, last_viable, expected_remaining_s, next_check_at_s
+        )
 
+    def _hung_at_s(
+        self,
+        obs: AttemptObservation,
+        now_s: float,
+        median_now_s: float,
+        speed: float,
+        last_viable: bool,
+    ) -> float:
+        """Return when the attempt counts as hung if it reports no progress before then.
+
+        The estimate is valid while the concurrency stays as it is now, so the caller
+        decides again after every ``record_concurrency``.
+        """
+        config = self.config
+        # Silence so far, in median steps: finished segments plus the current one.
+        current_s = max(0.0, now_s - obs.segment_start_s)
+        silence_units = self._units(obs.step_class, obs.silence_exposure)
+        silence_units += current_s / median_now_s
+        if obs.steps_done > 0:
+            allowed_units = config.progress_slack * speed
+        else:
+            tail_s = self.estimator.step_quantile_s(
+                obs.step_class, obs.concurrency, config.first_step_quantile
+            )
+            allowed_units = config.first_step_slack * tail_s / median_now_s
+        if last_viable:
+            allowed_units *= config.last_viable_slack_factor
+
+        hung_at_s = now_s + (allowed_units - silence_units) * median_now_s
+        if obs.steps_done == 0:
+            hung_at_s += config.startup_allowance_s
+        if obs.steps_done >= obs.total_steps:
+            floor_s = config.final_step_silence_s
+        else:
+            floor_s = config.min_silence_s
+        return max(hung_at_s, obs.last_progress_at_s + floor_s)
+
+    def _decide_on_deadline(
+        self,
+        obs: AttemptObservation,
+        now_s: float,
+        speed: float,
+        last_viable: bool,
+        expected_remaining_s: float,
+        next_check_at_s: float,
+    ) -> TimeoutDecision:
+        """Kill a progressing attempt that cannot finish in time, unless it is the last one."""
         # Best case: the rest runs alone on the device at the attempt's own pace.
-        alone_s = self.estimator.median_step_s(step_class, 1)
-        best_case_s = remaining_steps * speed * alone_s / config.deadline_margin
+        alone_s = self.estimator.median_step_s(obs.step_class, 1)
+        remaining_steps = max(obs.total_steps - obs.steps_done, 0)
+        best_case_s = remaining_steps * speed * alone_s / self.config.deadline_margin
         late = now_s + best_case_s > obs.deadline_at_s
         if late and not last_viable:
             return TimeoutDecision(
@@ -415,10 +432,11 @@ class AdaptiveTimeout:
                 expected_remaining_s,
                 next_check_at_s,
             )
-        next_check_at_s = min(next_check_at_s, obs.deadline_at_s - best_case_s)
         return TimeoutDecision(
-            "keep", "progressing within its expected step time", expected_remaining_s,
-            next_check_at_s,
+            "keep",
+            "progressing within its expected step time",
+            expected_remaining_s,
+            min(next_check_at_s, obs.deadline_at_s - best_case_s),
         )
 
     def _units(self, step_class: StepClass, exposure: Exposure) -> float:
