@@ -283,8 +283,10 @@ class JobSweep(_Event):
     event_type: Literal["job.sweep"] = "job.sweep"
     job_id: str = Field(min_length=1, max_length=64)
     job_key: str = Field(min_length=1, max_length=200)
-    action: Literal["deadline", "expire", "lease"]
+    action: Literal["deadline", "expire", "lease", "hung", "too_slow"]
     attempt_id: str | None = Field(default=None, max_length=64)
+    epoch: int | None = Field(default=None, ge=1)
+    reason: str = Field(default="", max_length=500)
 
 
 class WorkerStatus(_Event):

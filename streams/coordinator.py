@@ -47,7 +47,9 @@ from streams.config import Settings, load_settings
 from streams.flight import AttemptRecord, Decision, FlightLimits, FlightState, PoolView
 from streams.flight import parameter_class as class_of
 from streams.kafka import make_consumer, make_producer, topic_partitions
+from streams.liveness import LivenessTracker
 from streams.pool import PoolMonitor
+from streams.step_times import StepClass
 from streams.racing import AcceptanceEstimator, RacingPolicy
 from streams.tracing import Tracing, datetime_ns, extract_context, inject_headers, stage_span
 
@@ -118,6 +120,7 @@ class Coordinator:
         )
         self.acceptance = AcceptanceEstimator(prior_rate=config.acceptance_prior)
         self.pool = PoolMonitor(config.worker_status_ttl_s)
+        self.liveness = LivenessTracker()
         self.tracing = Tracing(SERVICE_NAME, settings.tracing, topics.spans)
         self.tracer = self.tracing.tracer
 
@@ -330,8 +333,10 @@ class Coordinator:
         except EventDecodeError as err:
             await self._dead_letter(event, err)
             return
-        if isinstance(message, AttemptProgress) and self._renew(message):
-            return
+        if isinstance(message, AttemptProgress):
+            self.liveness.progress(message.attempt_id, message.epoch, message.step)
+            if self._renew(message):
+                return
 
         flight = self._load(message.job_key)
         if flight is None:
@@ -343,15 +348,18 @@ class Coordinator:
         pool = self._pool_view(flight)
         if isinstance(message, AttemptProgress):
             decision = flight.on_progress(message)
+            self._adopt(flight, message)
             await self._publish(flight, decision)
             return
         if isinstance(message, AttemptClaim):
             decision = flight.on_claim(message, now, self.limits)
         elif isinstance(message, AttemptStarted):
             decision = flight.on_started(message)
+            self._watch(flight, message)
         elif isinstance(message, AttemptFinished):
             decision = flight.on_finished(message, now, self.limits, pool)
             self.pool.claimed(message.attempt_id)
+            self.liveness.finished(message.attempt_id)
             if message.status.value == "failed":
                 logger.warning("Attempt %s of job %s failed on worker %s: %s: %s",
                                message.attempt_id, message.job_id, message.worker_id,
@@ -370,6 +378,37 @@ class Coordinator:
         record = flight.attempts.get(scored.attempt_id)
         if record is not None and record.epoch == scored.epoch and record.score is None:
             self.acceptance.observe(class_of(flight.params), scored.accepted)
+
+    def _watch(self, flight: FlightState, started: AttemptStarted) -> None:
+        """Start judging a running attempt by its progress; queue time is not counted."""
+        record = flight.attempts.get(started.attempt_id)
+        if record is None or record.epoch != started.epoch or record.phase != "running":
+            return
+        job = flight.jobs[record.job_id]
+        live_for_job = sum(1 for other in flight.live_attempts() if other.job_id == job.job_id)
+        self.liveness.started(
+            attempt_id=record.attempt_id, epoch=record.epoch, worker_id=started.worker_id,
+            job_key=flight.job_key, job_id=record.job_id,
+            step_class=StepClass(flight.params.model, flight.params.width,
+                                 flight.params.height),
+            total_steps=flight.params.steps, deadline_at_s=job.deadline_at.timestamp(),
+            retries_left=job.budget_left,
+            other_attempts=max(0, live_for_job - job.open_slots),
+        )
+
+    def _adopt(self, flight: FlightState, progress: AttemptProgress) -> None:
+        """Renew the lease of a healthy attempt that this process has not seen start.
+
+        After a coordinator restart the in-memory renewals are gone; the first heartbeat of
+        each running attempt brings it back under watch.
+        """
+        record = flight.attempts.get(progress.attempt_id)
+        if record is None or record.epoch != progress.epoch or record.phase != "running":
+            return
+        if record.worker_id != progress.worker_id:
+            return
+        until = _utc_now() + timedelta(seconds=self.limits.lease_s)
+        self._renewals[progress.attempt_id] = (progress.epoch, progress.worker_id, until)
 
     def _renew(self, progress: AttemptProgress) -> bool:
         """Renew a lease in memory from a heartbeat; False when the flight must decide."""
@@ -403,6 +442,17 @@ class Coordinator:
                 self._renewals.pop(sweep.attempt_id, None)
             return decision
 
+        if sweep.action in ("hung", "too_slow") and sweep.attempt_id and sweep.epoch:
+            self.liveness.finished(sweep.attempt_id)
+            decision = flight.on_attempt_timeout(
+                sweep.attempt_id, sweep.epoch, now, self.limits, pool,
+                hung=sweep.action == "hung", reason=sweep.reason,
+            )
+            if decision.cancel:
+                logger.warning("Timed out attempt %s (epoch %d) of job %s: %s",
+                               sweep.attempt_id, sweep.epoch, sweep.job_id, sweep.reason)
+            return decision
+
         removed = flight.expire(now, self.settings.coordinator.retention_s, self.limits)
         for job_id in removed:
             logger.info("Removed finished job %s of key %s from the flights table",
@@ -427,6 +477,7 @@ class Coordinator:
             await self._send_claim_decision(claim)
         for cancel in decision.cancel:
             self.pool.claimed(cancel.attempt_id)
+            self.liveness.finished(cancel.attempt_id)
             self._renewals.pop(cancel.attempt_id, None)
             await self.control_topic.send(
                 key=(cancel.worker_id or cancel.attempt_id).encode(), value=encode_event(cancel))
@@ -471,9 +522,11 @@ class Coordinator:
                 "slotforge.tier": attempt.tier.value,
             },
         ) as span:
+            # The epoch is part of the key, so a re-dispatch lands on a random partition
+            # instead of going back to the worker that just hung on it.
             await topic.send(
-                key=attempt.attempt_id.encode(), value=encode_event(attempt),
-                headers=inject_headers(span),
+                key=f"{attempt.attempt_id}:{attempt.epoch}".encode(),
+                value=encode_event(attempt), headers=inject_headers(span),
             )
         self.pool.dispatched(attempt.attempt_id)
         logger.debug("Dispatched attempt %s (epoch %d) of job %s",
@@ -546,6 +599,13 @@ class Coordinator:
         co-partitioned events topic instead of changing the table itself.
         """
         now = _utc_now()
+        for watched, verdict in self.liveness.due():
+            action = "hung" if verdict.action == "kill_hung" else "too_slow"
+            sweep = JobSweep(job_id=watched.job_id, job_key=watched.job_key, action=action,
+                             attempt_id=watched.observation.attempt_id, epoch=watched.epoch,
+                             reason=verdict.reason[:500])
+            await self.events_topic.send(key=watched.job_key.encode(),
+                                         value=encode_event(sweep))
         for job_key, raw in list(self.flights.items()):
             for sweep in self._sweeps_for(job_key, raw, now):
                 marker = (job_key, sweep.action, sweep.attempt_id or sweep.job_id)

@@ -304,6 +304,34 @@ class FlightState(BaseModel):
         decision.dispatch.append(self._dispatch_event(record, now))
         return decision
 
+    def on_attempt_timeout(self, attempt_id: str, epoch: int, now: datetime,
+                           limits: FlightLimits, pool: PoolView, *, hung: bool,
+                           reason: str) -> Decision:
+        """Act on the timeout policy: re-dispatch a hung attempt, or cancel one too slow.
+
+        A hung attempt goes out again under a higher epoch, so its worker is fenced even if
+        it wakes up. An attempt that cannot meet its deadline is cancelled, and the flight
+        launches what it still needs.
+        """
+        record = self.attempts.get(attempt_id)
+        if record is None or record.epoch != epoch or record.phase not in ("dispatched",
+                                                                           "running"):
+            return Decision()
+        decision = Decision(cancel=[self._cancel_event(record, reason)])
+        decision.outcomes.append((record.model_copy(), "timed_out"))
+        job = self.jobs.get(record.job_id)
+        if hung and job is not None and job.running:
+            record.epoch += 1
+            record.phase = "dispatched"
+            record.worker_id = None
+            record.lease_expires_at = None
+            record.dispatched_at = now
+            decision.dispatch.append(self._dispatch_event(record, now))
+            return decision
+        record.phase = "cancelled"
+        record.cancel_reason = reason
+        return decision.extend(self._settle(now, limits, pool))
+
     def renew_lease(self, attempt_id: str, epoch: int, worker_id: str, until: datetime) -> bool:
         """Extend a lease from a progress heartbeat of its current holder."""
         record = self.attempts.get(attempt_id)

@@ -1,0 +1,124 @@
+"""Hang detection: the liveness tracker alone, then a hung attempt on the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from schemas.events import (
+    AttemptDispatched,
+    GenerationParams,
+    JobRequested,
+    JobStatus,
+    Tier,
+    decode_event,
+)
+from streams.client import SlotforgeClient
+from streams.config import Settings
+from streams.liveness import LivenessTracker
+from streams.processes import ProcessGroup
+from streams.step_times import StepClass
+from tests.kafka_helpers import TopicReader
+
+STEP_CLASS = StepClass("M1", 32, 32)
+
+
+def _start(tracker: LivenessTracker, attempt_id: str, now_s: float,
+           worker: str = "w1") -> None:
+    tracker.started(attempt_id=attempt_id, epoch=1, worker_id=worker, job_key="t:k",
+                    job_id="job", step_class=STEP_CLASS, total_steps=20,
+                    deadline_at_s=now_s + 3_600, retries_left=3, other_attempts=0,
+                    now_s=now_s)
+
+
+def test_progressing_attempt_kept() -> None:
+    tracker = LivenessTracker()
+    _start(tracker, "a1", 0.0)
+    for step in range(1, 20):
+        tracker.progress("a1", 1, step, now_s=step * 0.5)
+        assert tracker.due(now_s=step * 0.5 + 0.1) == []
+
+
+def test_silent_attempt_reported_hung() -> None:
+    tracker = LivenessTracker()
+    _start(tracker, "a1", 0.0)
+    for step in range(1, 6):
+        tracker.progress("a1", 1, step, now_s=step * 0.5)
+    assert tracker.due(now_s=3.0) == []
+    due = tracker.due(now_s=60.0)
+    assert [watched.observation.attempt_id for watched, _ in due] == ["a1"]
+    assert due[0][1].action == "kill_hung"
+
+
+def test_finished_attempt_forgotten() -> None:
+    tracker = LivenessTracker()
+    _start(tracker, "a1", 0.0)
+    tracker.finished("a1")
+    assert len(tracker) == 0
+    assert tracker.due(now_s=10_000.0) == []
+
+
+def test_stale_epoch_progress_ignored() -> None:
+    tracker = LivenessTracker()
+    _start(tracker, "a1", 0.0)
+    tracker.progress("a1", 2, 5, now_s=1.0)
+    watched = tracker._watched["a1"]
+    assert watched.observation.steps_done == 0
+
+
+def test_concurrency_follows_worker() -> None:
+    tracker = LivenessTracker()
+    _start(tracker, "a1", 0.0)
+    _start(tracker, "a2", 1.0)
+    assert tracker._watched["a1"].observation.concurrency == 2
+    tracker.finished("a2", now_s=2.0)
+    assert tracker._watched["a1"].observation.concurrency == 1
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+async def test_hung_attempt_redispatched(settings: Settings, service_env: dict[str, str],
+                                         tmp_path: Path) -> None:
+    env = {
+        **service_env,
+        "SLOTFORGE_COORDINATOR__RACING_POLICY": "sequential",
+        "SLOTFORGE_WORKER__SLOTS": "1",
+        "SLOTFORGE_WORKER__SIMULATION__ENABLED": "true",
+        "SLOTFORGE_WORKER__SIMULATION__P50_S": "0.5",
+        "SLOTFORGE_WORKER__SIMULATION__SIGMA": "0",
+        "SLOTFORGE_WORKER__SIMULATION__ACCEPTANCE": "1.0",
+    }
+    group = ProcessGroup(tmp_path / "logs", env)
+    group.start("coordinator")
+    group.start("postprocess")
+    stuck = group.start("gpu-worker", name="gpu-stuck", env={
+        "SLOTFORGE_WORKER__WORKER_ID": "gpu-stuck",
+        "SLOTFORGE_WORKER__SIMULATION__HANG_FRACTION": "1.0",
+    })
+    request = JobRequested(
+        tenant_id="acme", user_id="u1",
+        params=GenerationParams(model="M0001", prompt="hall plan", steps=20),
+        slots=1, deadline_s=600,
+    )
+    try:
+        async with SlotforgeClient(settings.kafka) as client, \
+                TopicReader(settings.kafka, settings.topics.attempts(Tier.STANDARD)) as attempts:
+            await client.submit(request)
+            records = await attempts.wait_for(
+                lambda seen: any(decode_event(r.value, AttemptDispatched).epoch >= 2
+                                 for r in seen), timeout_s=180)
+            group.kill(stuck)
+            group.start("gpu-worker", name="gpu-healthy",
+                        env={"SLOTFORGE_WORKER__WORKER_ID": "gpu-healthy"})
+            completed = await client.wait(request.job_id, timeout_s=180)
+    finally:
+        await asyncio.to_thread(group.stop_all, 15)
+
+    dispatched = [decode_event(record.value, AttemptDispatched) for record in records]
+    first, again = dispatched[0], next(d for d in dispatched if d.epoch >= 2)
+    assert again.attempt_id == first.attempt_id
+    assert again.seed == first.seed
+    assert completed.status == JobStatus.COMPLETED
+    assert completed.slots[0].attempt_id == first.attempt_id
