@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaProducer
 from faust.types import EventT
 from opentelemetry.trace import SpanKind
 
+from gpu_inference.artifacts import ArtifactError, ArtifactStore
 from schemas.errors import EventDecodeError
 from schemas.events import (
     AttemptClaim,
@@ -121,6 +122,9 @@ class Coordinator:
         self.acceptance = AcceptanceEstimator(prior_rate=config.acceptance_prior)
         self.pool = PoolMonitor(config.worker_status_ttl_s)
         self.liveness = LivenessTracker()
+        # NOTE: only file:// artifacts are deleted here; an object store would need its own
+        # cleanup consumer.
+        self.artifacts = ArtifactStore(settings.artifact_dir)
         self.tracing = Tracing(SERVICE_NAME, settings.tracing, topics.spans)
         self.tracer = self.tracing.tracer
 
@@ -453,16 +457,29 @@ class Coordinator:
                                sweep.attempt_id, sweep.epoch, sweep.job_id, sweep.reason)
             return decision
 
-        removed = flight.expire(now, self.settings.coordinator.retention_s, self.limits)
+        removed, orphans = flight.expire(now, self.settings.coordinator.retention_s,
+                                         self.limits)
         for job_id in removed:
             logger.info("Removed finished job %s of key %s from the flights table",
                         job_id, flight.job_key)
+        for uri in orphans:
+            self._delete_artifact(uri, flight.job_key)
         if flight.empty:
             # Deleting the key writes a tombstone, so compaction drops it from the changelog.
             self.flights.pop(flight.job_key, None)
             logger.info("Removed empty flight %s", flight.job_key)
             return None
         return Decision()
+
+    def _delete_artifact(self, uri: str, job_key: str) -> None:
+        """Delete a generation nothing refers to any more; a missing file is not an error."""
+        try:
+            deleted = self.artifacts.delete(uri)
+        except ArtifactError as err:
+            logger.warning("Failed to delete artifact %s of key %s: %s", uri, job_key, err)
+            return
+        if deleted:
+            logger.info("Deleted unused artifact %s of key %s", uri, job_key)
 
     def _apply_renewal(self, flight: FlightState, attempt_id: str) -> None:
         renewal = self._renewals.get(attempt_id)

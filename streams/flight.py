@@ -418,8 +418,13 @@ class FlightState(BaseModel):
 
     # ---- housekeeping ----------------------------------------------------------------------
 
-    def expire(self, now: datetime, retention_s: float, limits: FlightLimits) -> list[str]:
-        """Forget finished jobs past retention and dead attempts; returns the jobs removed."""
+    def expire(self, now: datetime, retention_s: float,
+               limits: FlightLimits) -> tuple[list[str], list[str]]:
+        """Forget finished jobs past retention, dead attempts and expired cache entries.
+
+        Returns the job ids removed and the artifact URIs nothing refers to any more:
+        rejected, cancelled and superseded generations, and cache entries past their TTL.
+        """
         removed = [
             job.job_id for job in self.jobs.values()
             if not job.running and job.finished_at is not None
@@ -427,11 +432,18 @@ class FlightState(BaseModel):
         ]
         for job_id in removed:
             del self.jobs[job_id]
+
+        orphans: list[str] = []
         if not self.running_jobs():
+            kept = {entry.attempt_id for entry in self.cache}
+            for record in self.attempts.values():
+                if not record.live and not record.used and record.artifact_uri \
+                        and record.attempt_id not in kept:
+                    orphans.append(record.artifact_uri)
             self.attempts = {key: record for key, record in self.attempts.items()
                              if record.live}
-        self._drop_expired_cache(now, limits)
-        return removed
+        orphans += [entry.artifact_uri for entry in self._drop_expired_cache(now, limits)]
+        return removed, orphans
 
     @property
     def empty(self) -> bool:

@@ -291,3 +291,42 @@ def test_every_policy_completes_job(policy: RacingPolicy) -> None:
         pending += result.dispatch
         completed += result.completed
     assert completed and completed[0].status == JobStatus.COMPLETED
+
+
+def test_expire_forgets_jobs_and_orphans() -> None:
+    flight, decision = _admit(_request(slots=1))
+    attempt = decision.dispatch[0]
+    retry = _score(flight, attempt, False, score=0.2).dispatch[0]
+    _score(flight, retry, True)
+    assert flight.expire(NOW, 60, SEQUENTIAL) == ([], [f"file:///{attempt.attempt_id}.png"])
+
+    later = NOW + timedelta(seconds=61)
+    removed, orphans = flight.expire(later, 60, SEQUENTIAL)
+    assert removed == [attempt.job_id]
+    assert orphans == []
+    assert flight.empty
+
+
+def test_expire_drops_cache_past_ttl() -> None:
+    limits = FlightLimits(policy=RacingPolicy.FIXED_RACE, cache_ttl_s=10)
+    flight, decision = _admit(_request(slots=1), limits)
+    for attempt in decision.dispatch:
+        _score(flight, attempt, True, limits=limits)
+    cached_uri = flight.cache[0].artifact_uri
+    removed, orphans = flight.expire(NOW + timedelta(seconds=11), 3_600, limits)
+    assert removed == []
+    assert orphans == [cached_uri]
+    assert flight.cache == []
+
+
+def test_hung_attempt_redispatched_with_new_epoch() -> None:
+    flight, decision = _admit(_request(slots=1))
+    attempt = decision.dispatch[0]
+    _claim(flight, attempt, "w1")
+    result = flight.on_attempt_timeout(attempt.attempt_id, 1, NOW, SEQUENTIAL, BUSY,
+                                       hung=True, reason="no progress")
+    assert result.dispatch[0].epoch == 2
+    assert result.cancel[0].worker_id == "w1"
+    assert [outcome for _, outcome in result.outcomes] == ["timed_out"]
+    assert flight.on_attempt_timeout(attempt.attempt_id, 1, NOW, SEQUENTIAL, BUSY,
+                                      hung=True, reason="again").cancel == []

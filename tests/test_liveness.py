@@ -122,3 +122,53 @@ async def test_hung_attempt_redispatched(settings: Settings, service_env: dict[s
     assert again.seed == first.seed
     assert completed.status == JobStatus.COMPLETED
     assert completed.slots[0].attempt_id == first.attempt_id
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+async def test_killed_worker_attempt_reclaimed(settings: Settings, service_env: dict[str, str],
+                                               tmp_path: Path) -> None:
+    from schemas.events import AttemptStarted
+
+    env = {
+        **service_env,
+        "SLOTFORGE_COORDINATOR__RACING_POLICY": "sequential",
+        "SLOTFORGE_COORDINATOR__LEASE_S": "5",
+        "SLOTFORGE_WORKER__SLOTS": "1",
+        "SLOTFORGE_WORKER__SIMULATION__ENABLED": "true",
+        "SLOTFORGE_WORKER__SIMULATION__P50_S": "6",
+        "SLOTFORGE_WORKER__SIMULATION__SIGMA": "0",
+        "SLOTFORGE_WORKER__SIMULATION__ACCEPTANCE": "1.0",
+    }
+    group = ProcessGroup(tmp_path / "logs", env)
+    group.start("coordinator")
+    group.start("postprocess")
+    doomed = group.start("gpu-worker", name="gpu-doomed",
+                         env={"SLOTFORGE_WORKER__WORKER_ID": "gpu-doomed"})
+    request = JobRequested(
+        tenant_id="acme", user_id="u1",
+        params=GenerationParams(model="M0001", prompt="loft plan", steps=12),
+        slots=1, deadline_s=600,
+    )
+    try:
+        async with SlotforgeClient(settings.kafka) as client, \
+                TopicReader(settings.kafka, settings.topics.coordinator_events) as events:
+            await client.submit(request)
+            await events.wait_for(lambda seen: any(b'"attempt.started"' in r.value
+                                                   for r in seen), timeout_s=180)
+            group.kill(doomed)
+            group.start("gpu-worker", name="gpu-survivor",
+                        env={"SLOTFORGE_WORKER__WORKER_ID": "gpu-survivor"})
+            completed = await client.wait(request.job_id, timeout_s=240)
+            while await events.poll():
+                pass
+    finally:
+        await asyncio.to_thread(group.stop_all, 15)
+
+    starts = [decode_event(r.value, AttemptStarted) for r in events.records
+              if b'"attempt.started"' in r.value]
+    assert starts[0].worker_id == "gpu-doomed"
+    survivor = [start for start in starts if start.worker_id == "gpu-survivor"]
+    assert survivor and survivor[0].epoch >= 2
+    assert survivor[0].attempt_id == starts[0].attempt_id
+    assert completed.status == JobStatus.COMPLETED
