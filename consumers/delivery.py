@@ -14,9 +14,10 @@ import logging
 import os
 from pathlib import Path
 
-from aiokafka import ConsumerRecord
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 from opentelemetry.trace import Span
 
+from consumers.acks import send_ack
 from consumers.record_loop import run_record_loop
 from schemas.events import JobCompleted
 from streams.config import Settings, load_settings
@@ -62,13 +63,15 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     delivery_dir = settings.delivery_dir
 
     async def handle(completed: JobCompleted, record: ConsumerRecord[bytes, bytes],
-                     span: Span) -> None:
+                     span: Span, producer: AIOKafkaProducer) -> None:
         written = await asyncio.to_thread(write_manifest, delivery_dir, completed)
         span.set_attribute("slotforge.delivery.duplicate", not written)
         if written:
             logger.info("Delivered job %s (%s)", completed.job_id, completed.status.value)
         else:
             logger.info("Skipped job %s: already delivered", completed.job_id)
+        # A repeated acknowledgement is harmless, so a redelivered record acknowledges again.
+        await send_ack(producer, settings, completed, SERVICE_NAME, delivered=True)
 
     await run_record_loop(
         settings, stop,

@@ -25,7 +25,8 @@ from streams.tracing import Tracing, extract_context, stage_span
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[[Any, ConsumerRecord[bytes, bytes], Span], Awaitable[None]]
+Handler = Callable[[Any, ConsumerRecord[bytes, bytes], Span, AIOKafkaProducer],
+                  Awaitable[None]]
 
 
 async def run_record_loop(
@@ -82,7 +83,7 @@ async def run_record_loop(
             attributes=attributes,
         ) as span:
             try:
-                await handle(event, record, span)
+                await handle(event, record, span, producer)
             except Exception as err:  # noqa: BLE001 - dead-letter the record, keep consuming
                 logger.exception(
                     "%s failed to handle job %s at topic=%s partition=%d offset=%d",

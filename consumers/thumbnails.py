@@ -11,12 +11,12 @@ import logging
 from pathlib import Path
 from urllib.parse import urlparse
 
-from aiokafka import ConsumerRecord
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 from opentelemetry.trace import Span
 from PIL import Image, UnidentifiedImageError
 
 from consumers.record_loop import run_record_loop
-from schemas.events import JobCompleted
+from schemas.events import JobCompleted, utc_now
 from streams.config import Settings, load_settings
 from streams.service import serve
 
@@ -50,9 +50,20 @@ def write_thumbnail(artifact_uri: str, size_px: int) -> Path | None:
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     size_px = settings.consumers.thumbnail_px
+    budget_s = settings.consumers.best_effort_budget_s
+    dropped = 0
 
     async def handle(completed: JobCompleted, record: ConsumerRecord[bytes, bytes],
-                     span: Span) -> None:
+                     span: Span, producer: AIOKafkaProducer) -> None:
+        nonlocal dropped
+        age_s = (utc_now() - completed.completed_at).total_seconds()
+        if age_s > budget_s:
+            # Best effort: work older than the budget is not worth doing any more.
+            dropped += 1
+            span.set_attribute("slotforge.thumbnails.dropped", True)
+            logger.warning("Dropped thumbnails of job %s: %.0f s old, budget %.0f s "
+                           "(%d dropped so far)", completed.job_id, age_s, budget_s, dropped)
+            return
         written = 0
         for slot in completed.slots:
             if await asyncio.to_thread(write_thumbnail, slot.artifact_uri, size_px):

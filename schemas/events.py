@@ -266,6 +266,27 @@ class JobCompleted(_Event):
     reason: str | None = None
 
 
+class DeliveryAck(_Event):
+    """A critical consumer applied a completed job, or gave up on it after its retries."""
+
+    event_type: Literal["delivery.ack"] = "delivery.ack"
+    job_id: str = Field(min_length=1, max_length=64)
+    job_key: str = Field(min_length=1, max_length=200)
+    consumer: str = Field(min_length=1, max_length=64)
+    delivered: bool
+    reason: str = Field(default="", max_length=2_000)
+
+
+class JobDelivered(_Event):
+    """Every critical consumer acknowledged the job, or one of them failed for good."""
+
+    event_type: Literal["job.delivered"] = "job.delivered"
+    job_id: str = Field(min_length=1, max_length=64)
+    tenant_id: str = Field(min_length=1, max_length=128)
+    status: Literal["delivered", "delivery_failed"]
+    reason: str = Field(default="", max_length=2_000)
+
+
 class JobRejected(_Event):
     """The coordinator will not run the job; ``retry_after_s`` says when to ask again."""
 
@@ -326,6 +347,8 @@ Event = Annotated[
     | ResultScored
     | JobCompleted
     | JobRejected
+    | DeliveryAck
+    | JobDelivered
     | JobSweep
     | WorkerStatus
     | DeadLetter,
@@ -346,6 +369,8 @@ EVENT_TYPES: dict[str, type[BaseModel]] = {
         ResultScored,
         JobCompleted,
         JobRejected,
+        DeliveryAck,
+        JobDelivered,
         JobSweep,
         WorkerStatus,
         DeadLetter,

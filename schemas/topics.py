@@ -38,6 +38,11 @@ class TopicNames:
         return self._name("jobs.completed")
 
     @property
+    def jobs_delivered(self) -> str:
+        """Delivered or delivery-failed states, once every critical consumer answered."""
+        return self._name("jobs.delivered")
+
+    @property
     def jobs_rejected(self) -> str:
         return self._name("jobs.rejected")
 
@@ -72,6 +77,7 @@ class TopicNames:
             *(self.attempts(tier) for tier in Tier),
             self.generated,
             self.jobs_completed,
+            self.jobs_delivered,
             self.jobs_rejected,
             self.control,
             self.worker_status,

@@ -137,7 +137,17 @@ class PostprocessSettings(BaseModel):
 class ConsumerSettings(BaseModel):
     critical_group_id: str = "slotforge-delivery"
     best_effort_group_id: str = "slotforge-thumbnails"
+    webhook_group_id: str = "slotforge-webhook"
     thumbnail_px: int = Field(default=16, ge=4, le=1024)
+    # Critical consumers whose acknowledgements gate a job's delivered state.
+    critical: list[Literal["delivery", "webhook"]] = Field(default_factory=lambda: ["delivery"])
+    webhook_url: str | None = None
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    # Attempts per delivery, with exponential backoff and jitter between them.
+    delivery_max_attempts: int = Field(default=5, ge=1, le=100)
+    delivery_backoff_s: float = Field(default=0.5, gt=0)
+    # A best-effort consumer drops completions older than this, counting each drop.
+    best_effort_budget_s: float = Field(default=300.0, gt=0)
 
 
 class ClickHouseSettings(BaseModel):

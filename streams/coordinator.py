@@ -34,6 +34,7 @@ from schemas.events import (
     AttemptStarted,
     ClaimDecision,
     DeadLetter,
+    DeliveryAck,
     JobCompleted,
     JobRejected,
     JobRequested,
@@ -131,6 +132,7 @@ class Coordinator:
         self.requests_topic = self._raw_topic(topics.jobs_requested, partitions)
         self.events_topic = self._raw_topic(topics.coordinator_events, partitions)
         self.completed_topic = self._raw_topic(topics.jobs_completed)
+        self.delivered_topic = self._raw_topic(topics.jobs_delivered)
         self.rejected_topic = self._raw_topic(topics.jobs_rejected)
         self.control_topic = self._raw_topic(topics.control)
         self.deadletter_topic = self._raw_topic(topics.deadletter)
@@ -332,7 +334,7 @@ class Coordinator:
         try:
             message = decode_event(
                 event.value, AttemptClaim, AttemptStarted, AttemptProgress, AttemptFinished,
-                ResultScored, JobSweep,
+                ResultScored, JobSweep, DeliveryAck,
             )
         except EventDecodeError as err:
             await self._dead_letter(event, err)
@@ -368,6 +370,11 @@ class Coordinator:
                 logger.warning("Attempt %s of job %s failed on worker %s: %s: %s",
                                message.attempt_id, message.job_id, message.worker_id,
                                message.error_type, message.error)
+        elif isinstance(message, DeliveryAck):
+            decision = flight.on_delivery_ack(message, list(self.settings.consumers.critical))
+            if not message.delivered:
+                logger.warning("Critical consumer %s failed to deliver job %s: %s",
+                               message.consumer, message.job_id, message.reason)
         elif isinstance(message, ResultScored):
             self._observe_acceptance(flight, message)
             decision = flight.on_scored(message, now, self.limits, pool)
@@ -506,6 +513,11 @@ class Coordinator:
             self._record_outcome(flight, record, outcome)
         for completed in decision.completed:
             await self._send_completion(flight, completed)
+        for delivered in decision.delivered:
+            await self.delivered_topic.send(key=delivered.job_id.encode(),
+                                            value=encode_event(delivered))
+            logger.info("Job %s is %s%s", delivered.job_id, delivered.status,
+                        f": {delivered.reason}" if delivered.reason else "")
 
     async def _send_claim_decision(self, claim: ClaimDecision) -> None:
         self.pool.claimed(claim.attempt_id)

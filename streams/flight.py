@@ -29,8 +29,10 @@ from schemas.events import (
     AttemptStarted,
     AttemptStatus,
     ClaimDecision,
+    DeliveryAck,
     GenerationParams,
     JobCompleted,
+    JobDelivered,
     JobRequested,
     JobStatus,
     ResultScored,
@@ -74,6 +76,7 @@ class Decision:
     cancel: list[AttemptCancel] = field(default_factory=list)
     claims: list[ClaimDecision] = field(default_factory=list)
     completed: list[JobCompleted] = field(default_factory=list)
+    delivered: list[JobDelivered] = field(default_factory=list)
     # Attempts that ended for good in this transition, with their outcome, for accounting.
     outcomes: list[tuple[AttemptRecord, str]] = field(default_factory=list)
 
@@ -82,6 +85,7 @@ class Decision:
         self.cancel += other.cancel
         self.claims += other.claims
         self.completed += other.completed
+        self.delivered += other.delivered
         self.outcomes += other.outcomes
         return self
 
@@ -132,6 +136,9 @@ class JobRecord(BaseModel):
     status: JobStatus | None = None
     slots: list[SlotResult] = Field(default_factory=list)
     finished_at: datetime | None = None
+    # Acknowledgements of critical consumers: consumer name to (delivered, reason).
+    acks: dict[str, tuple[bool, str]] = Field(default_factory=dict)
+    delivery: Literal["delivered", "delivery_failed"] | None = None
 
     @property
     def running(self) -> bool:
@@ -412,6 +419,28 @@ class FlightState(BaseModel):
             return Decision()
         decision = Decision(completed=[self._complete(job, now, "deadline reached")])
         return decision.extend(self._settle(now, limits, pool))
+
+    def on_delivery_ack(self, ack: DeliveryAck, critical: list[str]) -> Decision:
+        """Mark the job delivered once every critical consumer acknowledged it.
+
+        One failed acknowledgement ends delivery as ``delivery_failed``. Later or repeated
+        acknowledgements change nothing.
+        """
+        job = self.jobs.get(ack.job_id)
+        if job is None or job.running or job.delivery is not None:
+            return Decision()
+        job.acks[ack.consumer] = (ack.delivered, ack.reason)
+        failed = [f"{name}: {reason}" for name, (ok, reason) in job.acks.items() if not ok]
+        if failed:
+            job.delivery = "delivery_failed"
+        elif all(job.acks.get(name, (False, ""))[0] for name in critical):
+            job.delivery = "delivered"
+        else:
+            return Decision()
+        return Decision(delivered=[JobDelivered(
+            job_id=job.job_id, tenant_id=self.tenant_id, status=job.delivery,
+            reason="; ".join(failed)[:2_000],
+        )])
 
     def replan(self, now: datetime, limits: FlightLimits, pool: PoolView) -> Decision:
         return self._settle(now, limits, pool)

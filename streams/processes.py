@@ -19,6 +19,7 @@ SERVICES = {
     "postprocess": "gpu_inference.postprocess",
     "delivery": "consumers.delivery",
     "thumbnails": "consumers.thumbnails",
+    "webhook": "consumers.webhook",
     "span-sink": "consumers.span_sink",
 }
 
