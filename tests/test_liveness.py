@@ -172,3 +172,53 @@ async def test_killed_worker_attempt_reclaimed(settings: Settings, service_env: 
     assert survivor and survivor[0].epoch >= 2
     assert survivor[0].attempt_id == starts[0].attempt_id
     assert completed.status == JobStatus.COMPLETED
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+async def test_expired_flights_delete_unused_artifacts(
+    settings: Settings, service_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {
+        **service_env,
+        "SLOTFORGE_COORDINATOR__RACING_POLICY": "sequential",
+        "SLOTFORGE_COORDINATOR__RETENTION_S": "1",
+        "SLOTFORGE_WORKER__SLOTS": "4",
+        "SLOTFORGE_WORKER__SIMULATION__ENABLED": "true",
+        "SLOTFORGE_WORKER__SIMULATION__P50_S": "0.05",
+        "SLOTFORGE_WORKER__SIMULATION__ACCEPTANCE": "0.4",
+    }
+    group = ProcessGroup(tmp_path / "logs", env)
+    group.start("coordinator")
+    group.start("postprocess")
+    group.start("gpu-worker")
+    requests = [JobRequested(tenant_id="acme", user_id="u1",
+                             params=GenerationParams(model="M1", prompt=f"plan {index}",
+                                                     steps=4), slots=1)
+                for index in range(8)]
+    artifacts = settings.artifact_dir
+    try:
+        async with SlotforgeClient(settings.kafka) as client:
+            for request in requests:
+                await client.submit(request)
+            outcomes = [await client.wait(request.job_id, timeout_s=180)
+                        for request in requests]
+            delivered = {Path(slot.artifact_uri.removeprefix("file://"))
+                         for outcome in outcomes for slot in outcome.slots}
+
+            def only_delivered_left() -> bool:
+                return set(artifacts.rglob("*.png")) == delivered
+
+            deadline = asyncio.get_running_loop().time() + 60
+            while not only_delivered_left():
+                assert asyncio.get_running_loop().time() < deadline, (
+                    f"unused artifacts remain: {set(artifacts.rglob('*.png')) - delivered}")
+                await asyncio.sleep(0.5)
+    finally:
+        await asyncio.to_thread(group.stop_all, 15)
+
+    attempts = sum(outcome.attempts for outcome in outcomes)
+    assert attempts > len(requests), "no attempt was rejected, so nothing was cleaned up"
+    log = (tmp_path / "logs" / "coordinator.log").read_text()
+    assert "Deleted unused artifact" in log
+    assert "Removed empty flight" in log
