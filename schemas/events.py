@@ -138,6 +138,8 @@ class JobRequested(_Event):
     params: GenerationParams
     slots: int = Field(ge=1, le=MAX_SLOTS)
     tier: Tier = Tier.STANDARD
+    # Whether admission control may run the job at a lower tier instead of rejecting it.
+    allow_downgrade: bool = False
     deadline_s: float = Field(default=600.0, gt=0, le=86_400)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     requested_at: AwareDatetime = Field(default_factory=utc_now)

@@ -94,6 +94,15 @@ class CoordinatorSettings(BaseModel):
     acceptance_prior: float = Field(default=0.5, gt=0, le=1)
     # A worker whose last status report is older than this counts as gone.
     worker_status_ttl_s: float = Field(default=5.0, gt=0)
+    admission_enabled: bool = True
+    # Per-tenant quota in slots per second, with a burst; 0 disables quotas.
+    tenant_quota_slots_per_s: float = Field(default=0.0, ge=0)
+    tenant_quota_burst_slots: float = Field(default=64.0, gt=0)
+    # Unscored generations waiting for post-processing: past the first bound no speculative
+    # attempts start, past the second admission tightens.
+    postprocess_lag_speculation_bound: int = Field(default=200, ge=1)
+    postprocess_lag_admission_bound: int = Field(default=1_000, ge=1)
+    lag_check_interval_s: float = Field(default=2.0, gt=0)
     # Seconds between sweeps that look for jobs past their deadline.
     sweep_interval_s: float = Field(default=1.0, gt=0)
     retention_s: float = Field(default=3_600.0, ge=0)
@@ -125,6 +134,14 @@ class WorkerSettings(BaseModel):
     status_interval_s: float = Field(default=1.0, gt=0)
     # Seconds to wait for the coordinator's answer to a claim before asking again.
     claim_timeout_s: float = Field(default=5.0, gt=0)
+    # Claimed attempts that can share one pipeline call run together, up to this many.
+    max_batch_size: int = Field(default=4, ge=1, le=256)
+    # Milliseconds the first attempt of a batch waits for others before it runs anyway.
+    max_batch_wait_ms: float = Field(default=20.0, ge=0)
+    # Memory for loaded models and samples on the CPU; on CUDA the device's total memory
+    # times cuda_memory_fraction is used instead.
+    memory_budget_mb: int = Field(default=4096, ge=1)
+    cuda_memory_fraction: float = Field(default=0.9, gt=0, le=1)
     simulation: SimulationSettings = SimulationSettings()
 
 

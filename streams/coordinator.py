@@ -12,9 +12,11 @@ changelog topic and carries on.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
+import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -45,10 +47,12 @@ from schemas.events import (
     decode_event,
     encode_event,
 )
+from streams.admission import AdmissionAction, AdmissionPolicy, PoolLoad, TenantQuotas
+from streams.admission import decide as decide_admission
 from streams.config import Settings, load_settings
 from streams.flight import AttemptRecord, Decision, FlightLimits, FlightState, PoolView
 from streams.flight import parameter_class as class_of
-from streams.kafka import make_consumer, make_producer, topic_partitions
+from streams.kafka import group_lag, make_consumer, make_producer, topic_partitions
 from streams.liveness import LivenessTracker
 from streams.pool import PoolMonitor
 from streams.step_times import StepClass
@@ -123,6 +127,11 @@ class Coordinator:
         self.acceptance = AcceptanceEstimator(prior_rate=config.acceptance_prior)
         self.pool = PoolMonitor(config.worker_status_ttl_s)
         self.liveness = LivenessTracker()
+        self.admission = AdmissionPolicy()
+        self.quotas = (TenantQuotas(config.tenant_quota_slots_per_s,
+                                    config.tenant_quota_burst_slots)
+                       if config.tenant_quota_slots_per_s > 0 else None)
+        self._postprocess_lag = 0
         # NOTE: only file:// artifacts are deleted here; an object store would need its own
         # cleanup consumer.
         self.artifacts = ArtifactStore(settings.artifact_dir)
@@ -155,6 +164,7 @@ class Coordinator:
         self.app.timer(config.sweep_interval_s)(self._sweep_timer)
         self.app.task(self._span_publisher)
         self.app.task(self._worker_status_routine)
+        self.app.task(self._downstream_lag_routine)
 
     def _raw_topic(self, name: str, partitions: int | None = None) -> faust.TopicT:
         return self.app.topic(
@@ -197,14 +207,75 @@ class Coordinator:
         finally:
             await consumer.stop()
 
+    async def _downstream_lag_routine(self) -> None:
+        """Measure post-processing's lag, so speculation stops and admission tightens."""
+        config = self.settings.coordinator
+        while True:
+            await asyncio.sleep(config.lag_check_interval_s)
+            try:
+                lag = await group_lag(self.settings.kafka, self.settings.postprocess.group_id,
+                                      self.settings.topics.generated)
+            except Exception:  # noqa: BLE001 - a failed measurement keeps the last value
+                logger.warning("Failed to measure the post-processing lag", exc_info=True)
+                continue
+            if (lag > config.postprocess_lag_speculation_bound) != (
+                    self._postprocess_lag > config.postprocess_lag_speculation_bound):
+                logger.warning("Post-processing lag is %d records (speculation bound %d)",
+                               lag, config.postprocess_lag_speculation_bound)
+            self._postprocess_lag = lag
+
     def _pool_view(self, flight: FlightState) -> PoolView:
+        bound = self.settings.coordinator.postprocess_lag_speculation_bound
         return PoolView(
             acceptance_rate=self.acceptance.rate(class_of(flight.params)),
             idle_slots=self.pool.idle_slots(),
-            # NOTE: downstream lag does not feed backpressure yet; speculation only
-            # follows idle GPU slots.
-            backpressure=False,
+            backpressure=self._postprocess_lag > bound,
         )
+
+    def _pool_load(self) -> PoolLoad:
+        mean_s = self.pool.mean_attempt_s()
+        capacity = self.pool.capacity()
+        # A warming pool has few finished attempts, so its slots over the mean attempt time
+        # bound the throughput from below.
+        throughput = max(self.pool.throughput_attempts_per_s(),
+                         capacity / mean_s if capacity else 0.0)
+        return PoolLoad(
+            backlog_attempts=self.pool.backlog(),
+            throughput_attempts_per_s=throughput,
+            mean_attempt_s=mean_s,
+            slots=max(1, capacity),
+            downstream_lagging=self._postprocess_lag
+            > self.settings.coordinator.postprocess_lag_admission_bound,
+        )
+
+    def _admit_or_reject(self, request: JobRequested, flight: FlightState
+                         ) -> tuple[JobRequested, JobRejected | None, str]:
+        """Apply the tenant quota and admission control; returns the request to run."""
+        if not self.settings.coordinator.admission_enabled:
+            return request, None, "admitted"
+        if self.quotas is not None:
+            wait_s = self.quotas.take(request.tenant_id, request.slots, time.monotonic())
+            if wait_s is not None:
+                reason = f"tenant {request.tenant_id} is over its quota of " \
+                         f"{self.quotas.rate_per_s:g} slots/s"
+                retry = None if wait_s == float("inf") else round(wait_s, 3)
+                return request, JobRejected(job_id=request.job_id, tenant_id=request.tenant_id,
+                                            reason=reason, retry_after_s=retry,
+                                            requested_at=request.requested_at), "quota"
+        rate = self.acceptance.rate(class_of(flight.params))
+        decision = decide_admission(request.tier, request.slots / max(rate, 0.1),
+                                    request.deadline_s, request.allow_downgrade,
+                                    self._pool_load(), self.admission)
+        if decision.action is AdmissionAction.REJECT:
+            return request, JobRejected(job_id=request.job_id, tenant_id=request.tenant_id,
+                                        reason=decision.reason,
+                                        retry_after_s=decision.retry_after_s,
+                                        requested_at=request.requested_at), "overloaded"
+        if decision.action is AdmissionAction.DOWNGRADE:
+            logger.info("Downgrading job %s from %s to %s: %s", request.job_id,
+                        request.tier.value, decision.tier.value, decision.reason)
+            return request.model_copy(update={"tier": decision.tier}), None, "downgraded"
+        return request, None, "admitted"
 
     # ---- table access -----------------------------------------------------------------------
 
@@ -265,11 +336,22 @@ class Coordinator:
         ) as span:
             flight = self._load(request.job_key) or FlightState.for_request(request)
             duplicate = request.job_id in flight.jobs
+            if not duplicate:
+                request, rejection, verdict = self._admit_or_reject(request, flight)
+                span.set_attribute("slotforge.admission.decision", verdict)
+                if rejection is not None:
+                    await self.rejected_topic.send(key=request.job_id.encode(),
+                                                   value=encode_event(rejection),
+                                                   headers=inject_headers(span))
+                    logger.warning("Rejected job %s tenant=%s tier=%s: %s (retry after %s s)",
+                                   request.job_id, request.tenant_id, request.tier.value,
+                                   rejection.reason, rejection.retry_after_s)
+                    return
             traceparent = dict(inject_headers(span)).get("traceparent", b"").decode() or None
             decision = flight.admit(request, now, self.limits, self._pool_view(flight),
                                     traceparent=traceparent)
-            span.set_attribute("slotforge.admission.decision",
-                               "duplicate" if duplicate else "admitted")
+            if duplicate:
+                span.set_attribute("slotforge.admission.decision", "duplicate")
             cached = sum(1 for job in decision.completed for slot in job.slots if slot.cached)
             job = flight.jobs[request.job_id]
             cached += sum(1 for slot in job.slots if slot.cached) if job.running else 0
@@ -365,6 +447,7 @@ class Coordinator:
         elif isinstance(message, AttemptFinished):
             decision = flight.on_finished(message, now, self.limits, pool)
             self.pool.claimed(message.attempt_id)
+            self.pool.finished(message.gpu_s)
             self.liveness.finished(message.attempt_id)
             if message.status.value == "failed":
                 logger.warning("Attempt %s of job %s failed on worker %s: %s: %s",
@@ -557,7 +640,7 @@ class Coordinator:
                 key=f"{attempt.attempt_id}:{attempt.epoch}".encode(),
                 value=encode_event(attempt), headers=inject_headers(span),
             )
-        self.pool.dispatched(attempt.attempt_id)
+        self.pool.dispatched(attempt.attempt_id, attempt.tier)
         logger.debug("Dispatched attempt %s (epoch %d) of job %s",
                      attempt.attempt_id, attempt.epoch, attempt.job_id)
 

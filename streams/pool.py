@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass
 
-from schemas.events import WorkerStatus
+from schemas.events import Tier, WorkerStatus
+
+# Seconds of finished attempts that the throughput measurement averages over.
+THROUGHPUT_WINDOW_S = 30.0
+MAX_TRACKED_ATTEMPTS = 100_000
 
 
 @dataclass
@@ -24,17 +29,46 @@ class PoolMonitor:
     def __init__(self, status_ttl_s: float) -> None:
         self.status_ttl_s = status_ttl_s
         self._workers: dict[str, _Seen] = {}
-        self._unclaimed: set[str] = set()
+        # Attempts dispatched and not yet claimed, with their tier, oldest first.
+        self._unclaimed: dict[str, Tier] = {}
+        self._finished_at_s: collections.deque[tuple[float, float]] = collections.deque()
 
     def observe(self, status: WorkerStatus, now_s: float | None = None) -> None:
         self._workers[status.worker_id] = _Seen(status, time.monotonic() if now_s is None
                                                 else now_s)
 
-    def dispatched(self, attempt_id: str) -> None:
-        self._unclaimed.add(attempt_id)
+    def dispatched(self, attempt_id: str, tier: Tier = Tier.STANDARD) -> None:
+        self._unclaimed[attempt_id] = tier
+        # Bounded: attempts whose claim never arrived (a lost worker) age out first.
+        while len(self._unclaimed) > MAX_TRACKED_ATTEMPTS:
+            self._unclaimed.pop(next(iter(self._unclaimed)))
 
     def claimed(self, attempt_id: str) -> None:
-        self._unclaimed.discard(attempt_id)
+        self._unclaimed.pop(attempt_id, None)
+
+    def finished(self, gpu_s: float, now_s: float | None = None) -> None:
+        """Count one finished attempt toward the measured throughput."""
+        now = time.monotonic() if now_s is None else now_s
+        self._finished_at_s.append((now, gpu_s))
+        self._trim(now)
+
+    def _trim(self, now_s: float) -> None:
+        while self._finished_at_s and now_s - self._finished_at_s[0][0] > THROUGHPUT_WINDOW_S:
+            self._finished_at_s.popleft()
+
+    def throughput_attempts_per_s(self, now_s: float | None = None) -> float:
+        now = time.monotonic() if now_s is None else now_s
+        self._trim(now)
+        return len(self._finished_at_s) / THROUGHPUT_WINDOW_S
+
+    def mean_attempt_s(self, default_s: float = 1.0) -> float:
+        if not self._finished_at_s:
+            return default_s
+        return sum(gpu_s for _, gpu_s in self._finished_at_s) / len(self._finished_at_s)
+
+    def backlog(self) -> dict[Tier, int]:
+        counts = collections.Counter(self._unclaimed.values())
+        return {tier: counts.get(tier, 0) for tier in Tier}
 
     def live_workers(self, now_s: float | None = None) -> list[WorkerStatus]:
         now = time.monotonic() if now_s is None else now_s

@@ -1,0 +1,133 @@
+"""Admission decisions at the edges, and tenant quotas."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+
+import pytest
+
+from schemas.events import AttemptDispatched, GenerationParams, JobRequested, Tier, decode_event
+from streams.client import JobRejectedError, SlotforgeClient
+from streams.config import Settings
+from streams.processes import ProcessGroup
+from tests.kafka_helpers import TopicReader
+from streams.admission import (
+    AdmissionAction,
+    AdmissionPolicy,
+    PoolLoad,
+    TenantQuotas,
+    TokenBucket,
+    decide,
+)
+
+POLICY = AdmissionPolicy()
+
+
+def _load(backlog: dict[Tier, int], lagging: bool = False) -> PoolLoad:
+    return PoolLoad(backlog_attempts=backlog, throughput_attempts_per_s=10.0,
+                    mean_attempt_s=1.0, slots=8, downstream_lagging=lagging)
+
+
+def test_empty_pool_admits() -> None:
+    decision = decide(Tier.STANDARD, 8, 60, False, _load({}), POLICY)
+    assert decision.action == AdmissionAction.ADMIT
+    assert decision.tier == Tier.STANDARD
+
+
+def test_wait_just_inside_deadline_admits() -> None:
+    # Standard gets 3.5 attempts/s; 160 queued attempts wait about 45.7 s, own time 1 s.
+    decision = decide(Tier.STANDARD, 4, 60, False, _load({Tier.STANDARD: 160}), POLICY)
+    assert decision.action == AdmissionAction.ADMIT
+    assert math.isclose(decision.estimated_wait_s, 160 / 3.5)
+
+
+def test_wait_just_past_deadline_rejects() -> None:
+    decision = decide(Tier.STANDARD, 4, 60, False, _load({Tier.STANDARD: 170}), POLICY)
+    assert decision.action == AdmissionAction.REJECT
+    assert decision.retry_after_s is not None and decision.retry_after_s >= 1.0
+    assert "deadline" in decision.reason
+
+
+def test_downgrade_when_request_allows() -> None:
+    backlog = {Tier.INTERACTIVE: 500, Tier.STANDARD: 0}
+    decision = decide(Tier.INTERACTIVE, 4, 30, True, _load(backlog), POLICY)
+    assert decision.action == AdmissionAction.DOWNGRADE
+    assert decision.tier == Tier.STANDARD
+
+
+def test_no_downgrade_without_permission() -> None:
+    backlog = {Tier.INTERACTIVE: 500, Tier.STANDARD: 0}
+    decision = decide(Tier.INTERACTIVE, 4, 30, False, _load(backlog), POLICY)
+    assert decision.action == AdmissionAction.REJECT
+
+
+def test_lagging_downstream_tightens_lower_tiers() -> None:
+    backlog = {Tier.STANDARD: 10}
+    assert decide(Tier.STANDARD, 4, 600, False, _load(backlog), POLICY).action \
+        == AdmissionAction.ADMIT
+    lagging = decide(Tier.STANDARD, 4, 600, False, _load(backlog, lagging=True), POLICY)
+    assert lagging.action == AdmissionAction.REJECT
+    assert "lagging" in lagging.reason
+
+
+def test_unmeasured_pool_admits() -> None:
+    load = PoolLoad(backlog_attempts={Tier.BATCH: 10_000}, throughput_attempts_per_s=0.0,
+                    mean_attempt_s=1.0, slots=8)
+    assert decide(Tier.BATCH, 4, 10, False, load, POLICY).action == AdmissionAction.ADMIT
+
+
+def test_token_bucket_refills_at_rate() -> None:
+    bucket = TokenBucket(rate_per_s=2.0, burst=4.0)
+    assert bucket.take(4, now_s=0.0) is None
+    wait = bucket.take(2, now_s=0.0)
+    assert wait is not None and math.isclose(wait, 1.0)
+    assert bucket.take(2, now_s=1.0) is None
+
+
+def test_request_larger_than_burst_never_fits() -> None:
+    assert TokenBucket(rate_per_s=1.0, burst=4.0).take(5, now_s=0.0) == math.inf
+
+
+def test_quota_isolated_between_tenants() -> None:
+    quotas = TenantQuotas(rate_per_s=1.0, burst=8.0)
+    assert quotas.take("greedy", 8, now_s=0.0) is None
+    assert quotas.take("greedy", 4, now_s=0.0) is not None
+    assert quotas.take("quiet", 8, now_s=0.0) is None
+
+
+@pytest.mark.integration
+async def test_quota_rejects_reach_client(settings: Settings, service_env: dict[str, str],
+                                          tmp_path: Path) -> None:
+    group = ProcessGroup(tmp_path / "logs", {
+        **service_env,
+        "SLOTFORGE_COORDINATOR__RACING_POLICY": "sequential",
+        "SLOTFORGE_COORDINATOR__TENANT_QUOTA_SLOTS_PER_S": "0.5",
+        "SLOTFORGE_COORDINATOR__TENANT_QUOTA_BURST_SLOTS": "4",
+    })
+    group.start("coordinator")
+
+    def request(tenant: str, index: int) -> JobRequested:
+        return JobRequested(tenant_id=tenant, user_id="u",
+                            params=GenerationParams(model="M1", prompt=f"plan {index}",
+                                                    steps=5), slots=4)
+
+    greedy = [request("greedy", index) for index in range(2)]
+    quiet = request("quiet", 9)
+    try:
+        async with SlotforgeClient(settings.kafka) as client, \
+                TopicReader(settings.kafka, settings.topics.attempts(Tier.STANDARD)) as attempts:
+            for job in [*greedy, quiet]:
+                await client.submit(job)
+            with pytest.raises(JobRejectedError) as caught:
+                await client.wait(greedy[1].job_id, timeout_s=120)
+            records = await attempts.wait_for(lambda seen: len(seen) >= 8, timeout_s=60)
+    finally:
+        await asyncio.to_thread(group.stop_all, 15)
+
+    assert "quota" in caught.value.reason
+    assert caught.value.retry_after_s is not None
+    assert 0 < caught.value.retry_after_s <= 8.0
+    dispatched_jobs = {decode_event(r.value, AttemptDispatched).job_id for r in records}
+    assert dispatched_jobs == {greedy[0].job_id, quiet.job_id}
