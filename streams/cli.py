@@ -56,9 +56,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from streams.report import report_command
+    from streams.report import report_from_args
 
-    return report_command(load_settings(), args.format)
+    return report_from_args(load_settings(), args)
 
 
 def _cmd_schemas_export(args: argparse.Namespace) -> int:
@@ -130,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("service", choices=sorted(SERVICES))
     run.set_defaults(handler=_cmd_run)
 
+    from streams.report import add_report_arguments
+
     report = commands.add_parser("report", help="latency attribution from ClickHouse spans")
-    report.add_argument("--format", choices=["table", "json"], default="table")
+    add_report_arguments(report)
     report.set_defaults(handler=_cmd_report)
 
     schemas = commands.add_parser("schemas", help="event schemas")

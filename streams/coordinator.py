@@ -649,8 +649,10 @@ class Coordinator:
         span = self.tracer.start_span(
             "attempt", context=self._job_context(flight, record.job_id),
             start_time=datetime_ns(record.dispatched_at),
+            # No stage attribute: outcome spans would skew the stage latency table.
             attributes={
-                "slotforge.stage": "attempt",
+                "slotforge.tier": flight.jobs[record.job_id].tier.value
+                if record.job_id in flight.jobs else "",
                 "slotforge.job.id": record.job_id,
                 "slotforge.attempt.id": record.attempt_id,
                 "slotforge.attempt.epoch": record.epoch,
@@ -665,6 +667,10 @@ class Coordinator:
     async def _send_completion(self, flight: FlightState, completed: JobCompleted) -> None:
         parent = self._job_context(flight, completed.job_id)
         fallback = sum(1 for slot in completed.slots if slot.fallback)
+        for slot in completed.slots:
+            record = flight.attempts.get(slot.attempt_id)
+            if slot.fallback and record is not None:
+                self._record_outcome(flight, record, "fallback")
         cached = sum(1 for slot in completed.slots if slot.cached)
         gpu_s = sum(record.gpu_s for record in flight.attempts.values()
                     if record.job_id == completed.job_id)

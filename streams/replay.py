@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 FETCH_TIMEOUT_MS = 500
 FETCH_MAX_RECORDS = 500
-# Sent records awaited together; bounds memory and the records lost to one failed flush.
+# Sent records awaited together, which bounds memory and the records lost to one failed flush.
 SEND_WINDOW = 1_000
 # A partition that returns no record for this long while its position is short of the end
 # is given up, because an open transaction can hold the last stable offset back.
@@ -49,7 +49,7 @@ class ReplayError(SlotforgeError):
 
 @dataclass(frozen=True)
 class ReplayOptions:
-    """What to read, which records to keep and where to send them.
+    """Options of one replay: the source range, the record filters and the target.
 
     Offset and time bounds combine: each partition is read from the later of
     ``start_offset`` and the first offset at ``since``, up to the earlier of ``end_offset``
@@ -67,7 +67,7 @@ class ReplayOptions:
     keys: tuple[str, ...] = ()
     event_types: tuple[str, ...] = ()
     tenants: tuple[str, ...] = ()
-    # Maximum records sent per second; None sends as fast as the broker accepts.
+    # Maximum records sent per second. None sends as fast as the broker accepts.
     rate: float | None = None
     dry_run: bool = False
     idle_timeout_s: float = IDLE_TIMEOUT_S
@@ -161,7 +161,7 @@ class _Range:
 
 
 class RateLimiter:
-    """Space sends so that the n-th one goes out no earlier than n / rate seconds after the first."""
+    """Space sends so that send n goes out no earlier than n / rate seconds after the first."""
 
     def __init__(self, rate: float | None) -> None:
         self.rate = rate
@@ -252,7 +252,7 @@ def _unwrap(
         value = base64.b64decode(letter.payload_b64, validate=True)
         key = base64.b64decode(letter.key_b64, validate=True) if letter.key_b64 else None
     except binascii.Error as err:
-        raise EventDecodeError(f"dead letter holds invalid base64: {err}",
+        raise EventDecodeError(f"dead letter contains invalid base64: {err}",
                                error_type="validation") from err
     event_type, tenant_id = _payload_fields(value)
     return _Replayable(options.target or letter.source_topic, key, value, headers,
@@ -369,7 +369,7 @@ async def replay(
 ) -> ReplaySummary:
     """Re-publish the records that ``options`` selects and return what was sent.
 
-    ``progress`` receives a progress bar, usually ``sys.stderr``; None draws none.
+    ``progress`` receives a progress bar, usually ``sys.stderr``, and None draws none.
     Raises ReplayError when a topic or partition does not exist, and KafkaError when the
     broker fails.
     """
@@ -498,32 +498,42 @@ async def _handle(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``slotforge replay`` options to its subcommand parser."""
-    parser.add_argument("--topic", help="topic to read: a full name, or a name under the "
-                        "configured prefix such as jobs.requested")
+    # What to read.
+    parser.add_argument("--topic", metavar="TOPIC",
+                        help="topic to read: a full name, or a name under the configured "
+                             "prefix such as jobs.requested")
     parser.add_argument("--from-deadletter", action="store_true",
                         help="read DeadLetter records (from the dead-letter topic, or --topic) "
                              "and re-publish each original key and payload to its source "
                              "topic, or to --to")
-    parser.add_argument("--to", dest="target",
+    parser.add_argument("--to", dest="target", metavar="TOPIC",
                         help="topic to publish to; required unless --from-deadletter")
+
+    # Which offsets or times.
     parser.add_argument("--partition", type=int, action="append", dest="partitions",
+                        metavar="N",
                         help="partition to read; repeat for several (default: all)")
-    parser.add_argument("--start-offset", type=int,
+    parser.add_argument("--start-offset", type=int, metavar="OFFSET",
                         help="first offset to read in each selected partition")
-    parser.add_argument("--end-offset", type=int,
+    parser.add_argument("--end-offset", type=int, metavar="OFFSET",
                         help="offset to stop before in each selected partition (exclusive)")
-    parser.add_argument("--since", type=parse_utc_time,
+    parser.add_argument("--since", type=parse_utc_time, metavar="TIME",
                         help="first record timestamp to read, ISO 8601; UTC when no zone is given")
-    parser.add_argument("--until", type=parse_utc_time,
+    parser.add_argument("--until", type=parse_utc_time, metavar="TIME",
                         help="stop before records with a timestamp at or after this ISO 8601 time")
-    parser.add_argument("--key", action="append", dest="keys",
+
+    # Which records.
+    parser.add_argument("--key", action="append", dest="keys", metavar="KEY",
                         help="only records whose key, as UTF-8 text, is KEY; repeat for several")
     parser.add_argument("--event-type", action="append", dest="event_types",
+                        metavar="TYPE",
                         help="only records whose event_type field is this, such as "
                              "job.requested; repeat for several")
-    parser.add_argument("--tenant", action="append", dest="tenants",
+    parser.add_argument("--tenant", action="append", dest="tenants", metavar="TENANT",
                         help="only records whose tenant_id field is this; repeat for several")
-    parser.add_argument("--rate", type=float,
+
+    # How to send.
+    parser.add_argument("--rate", type=float, metavar="N",
                         help="maximum records sent per second (default: no limit)")
     parser.add_argument("--dry-run", action="store_true",
                         help="read and filter, print what would be sent, send nothing")
@@ -532,7 +542,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> ReplayOptions:
-    """Build ReplayOptions from parsed arguments; raises ReplayError on conflicting options."""
+    """Build ReplayOptions from parsed arguments, raising ReplayError on conflicting options."""
 
     def _tuple(values: Sequence[Any] | None) -> tuple[Any, ...]:
         return tuple(values or ())

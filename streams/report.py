@@ -1,7 +1,7 @@
-"""Latency attribution read from the spans stored in ClickHouse, for the ``slotforge report`` command.
+"""Latency attribution from the spans stored in ClickHouse, for ``slotforge report``.
 
-Each query lives in ``infra/sql`` so that Grafana or clickhouse-client can run the same text;
-the functions here bind its parameters and turn the rows into plain dictionaries.
+Each query lives in ``infra/sql``, so Grafana or clickhouse-client can run the same text.
+The functions here bind its parameters and turn its rows into plain dictionaries.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from streams.config import Settings
 logger = logging.getLogger(__name__)
 
 REPORT_FORMATS = ("json", "table")
-# Sections of the report in output order; "stages" is always printed first.
+# Sections of the report in output order. The stage table is always printed first.
 REPORT_QUERIES = ("stages", "windows", "slow-jobs", "queue-wait", "gpu", "failures")
 DEFAULT_WINDOW_S = 60
 DEFAULT_TOP = 10
@@ -45,7 +45,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def parse_utc_time(text: str) -> datetime:
-    """Parse an ISO 8601 time for a command-line option; a time without a zone is UTC.
+    """Parse an ISO 8601 time for a command-line option, reading a time without a zone as UTC.
 
     Raises argparse.ArgumentTypeError, so argparse reports the invalid value and exits.
     """
@@ -67,7 +67,7 @@ def unix_ns(moment: datetime) -> int:
 
 @dataclass(frozen=True)
 class TimeRange:
-    """Half-open range [since, until) of span start times; None leaves that side open."""
+    """Half-open range [since, until) of span start times. None leaves that side open."""
 
     since: datetime | None = None
     until: datetime | None = None
@@ -75,7 +75,9 @@ class TimeRange:
     def __post_init__(self) -> None:
         for moment in (self.since, self.until):
             if moment is not None and moment.tzinfo is None:
-                raise ValueError(f"time {moment.isoformat()} has no time zone; pass an aware datetime")
+                raise ValueError(
+                    f"time {moment.isoformat()} has no time zone; pass an aware datetime"
+                )
         if self.since is not None and self.until is not None and self.since >= self.until:
             raise ValueError(
                 f"invalid time range: since {self.since.isoformat()} is not before "
@@ -121,7 +123,8 @@ def stage_latency(
     """
     stages: dict[str, dict[str, Any]] = {}
     for row in _query(client, "stage_latency.sql", table, time_range.parameters()):
-        stages[str(row["stage"])] = {"count": int(row["span_count"]), **_latencies(row["latency_ms"])}
+        entry = {"count": int(row["span_count"]), **_latencies(row["latency_ms"])}
+        stages[str(row["stage"])] = entry
     return stages
 
 
@@ -160,7 +163,8 @@ def slow_jobs(
     """Return the ``top`` slowest jobs with the critical path of each, slowest first.
 
     ``critical_path_ms`` maps each stage on the path, plus ``untraced`` for time in no span,
-    to milliseconds; the values add up to ``duration_ms``. ``dominant_stage`` is the largest.
+    to milliseconds, largest first. The values add up to ``duration_ms``, and
+    ``dominant_stage`` is the largest.
     """
     _check_positive("top", top)
     parameters = {"top": top, **time_range.parameters()}
@@ -271,7 +275,7 @@ def trace_spans(client: Client, table: str, trace_id: str) -> list[dict[str, Any
 
 @dataclass(frozen=True)
 class ReportOptions:
-    """What ``slotforge report`` prints and writes."""
+    """Options of ``slotforge report``: the sections, their parameters and the HTML folder."""
 
     queries: tuple[str, ...] = ("stages",)
     window_s: int = DEFAULT_WINDOW_S
@@ -346,7 +350,7 @@ def report_json(report: dict[str, Any]) -> str:
 def format_rows(
     header: Sequence[str], rows: Sequence[Sequence[str]], numeric: set[int]
 ) -> list[str]:
-    """Align text cells in columns; columns whose index is in ``numeric`` align right."""
+    """Align text cells in columns, right-aligning the columns whose index is in ``numeric``."""
     lines = [list(header), *(list(row) for row in rows)]
     widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
     rendered = []
@@ -473,17 +477,19 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output format on stdout (default: table)")
     parser.add_argument(
         "--query", action="append", choices=[*REPORT_QUERIES, "all"], dest="queries",
-        help="section to print after the stage table; repeat for several, 'all' for every "
-             "one (default: stages only)",
+        metavar="NAME",
+        help=f"section to print after the stage table: {', '.join(REPORT_QUERIES)} or all; "
+             "repeat for several (default: stages only)",
     )
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW_S, dest="window_s",
+                        metavar="SECONDS",
                         help=f"window length of the windows query in seconds "
                              f"(default: {DEFAULT_WINDOW_S})")
-    parser.add_argument("--top", type=int, default=DEFAULT_TOP,
+    parser.add_argument("--top", type=int, default=DEFAULT_TOP, metavar="N",
                         help=f"rows of the slow-jobs and failures queries (default: {DEFAULT_TOP})")
-    parser.add_argument("--since", type=parse_utc_time,
+    parser.add_argument("--since", type=parse_utc_time, metavar="TIME",
                         help="first span start to include, ISO 8601; UTC when no zone is given")
-    parser.add_argument("--until", type=parse_utc_time,
+    parser.add_argument("--until", type=parse_utc_time, metavar="TIME",
                         help="leave out spans that start at or after this ISO 8601 time")
     parser.add_argument("--html", type=Path, metavar="DIR", dest="html_dir",
                         help="also write DIR/index.html with every section and its charts")
@@ -579,7 +585,7 @@ def _read_report(
         report = build_report(client, table, options)
         if options.html_dir is None:
             return report, None
-        # Imported here because matplotlib takes about a second to load.
+        # Imported here because matplotlib.pyplot takes about 0.4 s to import.
         from streams.report_html import read_page_data, render_page
 
         data = read_page_data(client, table, options)

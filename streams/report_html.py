@@ -11,7 +11,7 @@ import html
 import io
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - must follow matplotlib.use
 from clickhouse_connect.driver.client import Client  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from streams.report import (  # noqa: E402
     ReportOptions,
@@ -75,7 +76,7 @@ class PageData:
     queue_wait: list[dict[str, Any]]
     gpu: list[dict[str, Any]]
     failures: list[dict[str, Any]]
-    # Spans of the slowest job's trace, for the waterfall; empty when no job span exists.
+    # Spans of the slowest job's trace for the waterfall, empty when no job span exists.
     slowest_trace: list[dict[str, Any]] = field(default_factory=list)
     generated_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
@@ -106,7 +107,7 @@ def _stage_color(stage: str) -> str:
     return STAGE_COLORS.get(stage, OTHER_COLOR)
 
 
-def _stage_order(stages: Sequence[str]) -> list[str]:
+def _stage_order(stages: Collection[str]) -> list[str]:
     known = [stage for stage in STAGE_COLORS if stage in stages]
     return known + sorted(stage for stage in stages if stage not in STAGE_COLORS)
 
@@ -122,23 +123,24 @@ def _svg_data_uri(figure: Figure) -> str:
 
 def waterfall_chart(spans: list[dict[str, Any]], job: dict[str, Any]) -> str:
     """Draw one bar per span of the slowest job's trace, by offset from its first span."""
-    shown = spans
+    visible = spans
     if len(spans) > MAX_WATERFALL_SPANS:
         longest = sorted(spans, key=lambda span: -span["duration_ms"])[:MAX_WATERFALL_SPANS]
         keep = {span["span_id"] for span in longest}
-        shown = [span for span in spans if span["span_id"] in keep]
+        visible = [span for span in spans if span["span_id"] in keep]
 
-    height = 1.2 + 0.32 * len(shown)
+    height = 1.2 + 0.32 * len(visible)
     figure, axes = plt.subplots(figsize=(10, height))
     labels = []
-    for row, span in enumerate(shown):
+    for row, span in enumerate(visible):
         failed = span["status"] == "Error"
         axes.barh(
             row, max(span["duration_ms"], 0.0), left=span["offset_ms"],
             color=_stage_color(span["stage"]), edgecolor="#d62728" if failed else "none",
             linewidth=1.5, hatch="//" if failed else None,
         )
-        detail = span["attempt_id"] or span["service"]
+        # Eight hex digits tell attempts of one job apart and keep the labels short.
+        detail = span["attempt_id"][:8] or span["service"]
         if span["worker"]:
             detail += f" on {span['worker']}"
         labels.append(f"{span['stage'] or span['name']}  ({detail})")
@@ -146,7 +148,7 @@ def waterfall_chart(spans: list[dict[str, Any]], job: dict[str, Any]) -> str:
             span["offset_ms"] + span["duration_ms"], row, f" {span['duration_ms']:.1f} ms",
             va="center", fontsize=7, color="#333333",
         )
-    axes.set_yticks(range(len(shown)), labels, fontsize=8)
+    axes.set_yticks(range(len(visible)), labels, fontsize=8)
     axes.invert_yaxis()
     axes.set_xlabel("milliseconds since the first span of the trace")
     axes.set_title(
@@ -156,9 +158,9 @@ def waterfall_chart(spans: list[dict[str, Any]], job: dict[str, Any]) -> str:
     axes.grid(axis="x", color="#e0e0e0")
     axes.set_axisbelow(True)
     # Leave room on the right for the duration labels of the last bars.
-    right = max(span["offset_ms"] + span["duration_ms"] for span in shown)
+    right = max(span["offset_ms"] + span["duration_ms"] for span in visible)
     axes.set_xlim(0, right * 1.15 if right > 0 else 1)
-    stages = _stage_order({span["stage"] for span in shown})
+    stages = _stage_order({span["stage"] for span in visible})
     handles = [Patch(color=_stage_color(stage), label=stage or "(no stage)") for stage in stages]
     handles.append(Patch(facecolor="white", edgecolor="#d62728", hatch="//", label="error"))
     # Outside the axes, so the legend never hides the last bars.
@@ -206,9 +208,9 @@ def gpu_chart(rows: list[dict[str, Any]]) -> str:
                   label=tier or "(no tier)")
         lefts = [left + value for left, value in zip(lefts, values, strict=True)]
     total = sum(lefts)
-    for row, value in enumerate(lefts):
+    for position, value in enumerate(lefts):
         share = value / total if total else 0.0
-        axes.text(value, row, f" {value:.2f} s ({share:.0%})", va="center", fontsize=8)
+        axes.text(value, position, f" {value:.2f} s ({share:.0%})", va="center", fontsize=8)
     axes.set_yticks(range(len(outcomes)), outcomes, fontsize=9)
     axes.invert_yaxis()
     axes.set_xlim(0, max(lefts) * 1.25 if lefts and max(lefts) > 0 else 1)
@@ -233,13 +235,15 @@ def queue_wait_chart(rows: list[dict[str, Any]]) -> str:
         tier_rows.sort(key=lambda row: row["concurrency"])
         levels = [row["concurrency"] for row in tier_rows]
         color = tier_colors(index)
-        axes.plot(levels, [row["p95_ms"] for row in tier_rows], marker="o", color=color,
-                  label=f"{tier or '(no tier)'} p95")
-        axes.plot(levels, [row["p50_ms"] for row in tier_rows], marker="o", linestyle="--",
-                  color=color, label=f"{tier or '(no tier)'} p50")
+        axes.plot(levels, [max(row["p95_ms"], 1e-3) for row in tier_rows], marker="o",
+                  color=color, label=f"{tier or '(no tier)'} p95")
+        axes.plot(levels, [max(row["p50_ms"], 1e-3) for row in tier_rows], marker="o",
+                  linestyle="--", color=color, label=f"{tier or '(no tier)'} p50")
     axes.set_xlabel("attempts running on the worker when it took the attempt (0: unknown)")
-    axes.set_ylabel("queue wait, ms")
-    axes.xaxis.get_major_locator().set_params(integer=True)
+    # Tiers wait for very different times, so a log axis keeps the shortest waits visible.
+    axes.set_yscale("log")
+    axes.set_ylabel("queue wait, ms (log scale)")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_title("Queue wait against worker concurrency", fontsize=10)
     axes.grid(color="#e0e0e0")
     axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -255,8 +259,10 @@ def window_chart(rows: list[dict[str, Any]]) -> str:
 
     figure, axes = plt.subplots(figsize=(10, 4))
     for stage in _stage_order(list(series)):
-        points = sorted(series[stage].items())
-        axes.plot([moment for moment, _ in points], [max(value, 1e-3) for _, value in points],
+        ordered = sorted(series[stage].items())
+        moments = [moment for moment, _ in ordered]
+        # matplotlib plots datetimes on a date axis, but its type stubs list only numbers.
+        axes.plot(moments, [max(value, 1e-3) for _, value in ordered],  # type: ignore[arg-type]
                   marker="o", markersize=3, color=_stage_color(stage), label=stage)
     axes.set_yscale("log")
     axes.set_ylabel("p95 latency, ms (log scale)")
@@ -296,13 +302,13 @@ def _cell(value: Any) -> str:
     text = str(value)
     if text == "":
         return "<td>-</td>"
-    # Long free text (messages, critical paths) may wrap; ids and names stay on one line.
+    # Long free text (messages, critical paths) may wrap, while ids and names stay on one line.
     css = ' class="text"' if len(text) > 40 else ""
     return f"<td{css}>{html.escape(text)}</td>"
 
 
 def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric: set[int]) -> str:
-    """Render rows as an HTML table; columns whose index is in ``numeric`` align right."""
+    """Render rows as an HTML table, right-aligning the columns whose index is in ``numeric``."""
     head = "".join(
         f'<th class="number">{html.escape(name)}</th>' if index in numeric
         else f"<th>{html.escape(name)}</th>"
@@ -411,7 +417,7 @@ def _range_text(data: PageData) -> str:
 
 
 def render_page(data: PageData, *, source: str) -> str:
-    """Render the whole report as one HTML document; ``source`` names the store (no secrets)."""
+    """Render the whole report as one HTML document. ``source`` names the store, without secrets."""
     sections = [
         ("Slowest job", _slowest_job_section(data)),
         ("Latency per stage", _stages_section(data)),
