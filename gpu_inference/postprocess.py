@@ -167,16 +167,19 @@ class Postprocessor:
             parent=extract_context(record.headers),
             kind=SpanKind.CONSUMER,
             attributes={
-                "slotforge.job_id": finished.job_id,
-                "slotforge.attempt_id": finished.attempt_id,
-                "slotforge.worker_id": finished.worker_id,
+                "slotforge.job.id": finished.job_id,
+                "slotforge.attempt.id": finished.attempt_id,
+                "slotforge.worker.id": finished.worker_id,
             },
         ) as span:
             loop = asyncio.get_running_loop()
             verdict = await loop.run_in_executor(self.executor, self._judge_artifact, finished)
             span.set_attribute("slotforge.score", verdict.score)
             span.set_attribute("slotforge.accepted", verdict.accepted)
+            span.set_attribute("slotforge.attempt.outcome",
+                               "accepted" if verdict.accepted else "rejected")
             if verdict.unusable:
+                span.set_attribute("error.type", "unusable_artifact")
                 span.set_status(StatusCode.ERROR, verdict.reason)
             scored = ResultScored(
                 attempt_id=finished.attempt_id,
