@@ -90,6 +90,9 @@ class KafkaBroker:
     heap_mb: int = 512
     extra_properties: dict[str, str] = field(default_factory=dict)
     extra_listeners: dict[str, int] = field(default_factory=dict)
+    # SCRAM users created when the log folder is formatted: name to password.
+    scram_users: dict[str, str] = field(default_factory=dict)
+    scram_mechanism: str = "SCRAM-SHA-256"
     jvm_options: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
 
@@ -158,6 +161,8 @@ class KafkaBroker:
             *self._java_command(libs), "kafka.tools.StorageTool", "format",
             "-t", _random_cluster_id(), "-c", str(self._config_path),
         ]
+        for user, password in self.scram_users.items():
+            command += ["--add-scram", f"{self.scram_mechanism}=[name={user},password={password}]"]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise BrokerError(

@@ -382,7 +382,8 @@ class Coordinator:
             "slotforge.tier": request.tier.value,
             "slotforge.slots": request.slots,
             "gen_ai.request.model": request.params.model,
-            "gen_ai.prompt.redacted": self.tracing.prompt_attribute(request.params.prompt),
+            "slotforge.prompt": self.tracing.prompt_attribute(request.params.prompt),
+            "slotforge.user.id": self.tracing.prompt_attribute(request.user_id),
         }
 
     async def _reject_invalid(self, event: EventT, error: EventDecodeError) -> None:

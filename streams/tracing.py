@@ -176,11 +176,14 @@ class Tracing:
     def shutdown(self) -> None:
         self.provider.shutdown()
 
-    def prompt_attribute(self, prompt: str) -> str:
-        """Return the prompt as it may appear in a span: raw, or a SHA-256 digest when redacted."""
+    def prompt_attribute(self, text: str) -> str:
+        """Return a prompt or user id as it may appear in a span: raw, or hashed when redacted.
+
+        The hash is a truncated SHA-256, so equal values still group together in SQL.
+        """
         if self.settings.redact_prompts:
-            return "sha256:" + hashlib.sha256(prompt.encode()).hexdigest()[:16]
-        return prompt[:256]
+            return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+        return text[:256]
 
 
 def inject_headers(span: Span | None = None) -> list[tuple[str, bytes]]:
