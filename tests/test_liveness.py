@@ -136,15 +136,17 @@ async def test_killed_worker_attempt_reclaimed(settings: Settings, service_env: 
         "SLOTFORGE_COORDINATOR__LEASE_S": "5",
         "SLOTFORGE_WORKER__SLOTS": "1",
         "SLOTFORGE_WORKER__SIMULATION__ENABLED": "true",
-        "SLOTFORGE_WORKER__SIMULATION__P50_S": "6",
+        "SLOTFORGE_WORKER__SIMULATION__P50_S": "1",
         "SLOTFORGE_WORKER__SIMULATION__SIGMA": "0",
         "SLOTFORGE_WORKER__SIMULATION__ACCEPTANCE": "1.0",
     }
     group = ProcessGroup(tmp_path / "logs", env)
     group.start("coordinator")
     group.start("postprocess")
+    # Slow enough that it is still running when it is killed, however loaded the machine.
     doomed = group.start("gpu-worker", name="gpu-doomed",
-                         env={"SLOTFORGE_WORKER__WORKER_ID": "gpu-doomed"})
+                         env={"SLOTFORGE_WORKER__WORKER_ID": "gpu-doomed",
+                              "SLOTFORGE_WORKER__SIMULATION__P50_S": "120"})
     request = JobRequested(
         tenant_id="acme", user_id="u1",
         params=GenerationParams(model="M0001", prompt="loft plan", steps=12),
@@ -160,8 +162,9 @@ async def test_killed_worker_attempt_reclaimed(settings: Settings, service_env: 
             group.start("gpu-worker", name="gpu-survivor",
                         env={"SLOTFORGE_WORKER__WORKER_ID": "gpu-survivor"})
             completed = await client.wait(request.job_id, timeout_s=240)
-            while await events.poll():
-                pass
+            await events.wait_for(lambda seen: any(b'"gpu-survivor"' in r.value
+                                                   and b'"attempt.started"' in r.value
+                                                   for r in seen), timeout_s=60)
     finally:
         await asyncio.to_thread(group.stop_all, 15)
 

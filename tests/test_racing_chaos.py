@@ -92,8 +92,15 @@ async def test_racing_survives_worker_kills(settings: Settings, service_env: dic
                 return_exceptions=True)
             stop.set()
             kills = await killer
-            while await events.poll():
-                pass
+            # Read the events topic up to its end as it is now.
+            from streams.kafka import topic_partitions
+
+            partitions = await topic_partitions(settings.kafka,
+                                                settings.topics.coordinator_events)
+            ends = await events.consumer.end_offsets(partitions)
+            while any(await events.consumer.position(partition) < end
+                      for partition, end in ends.items()):
+                await events.poll()
     finally:
         group.stop_all(grace_s=15)
 
