@@ -5,7 +5,10 @@ while a slot is free. For each attempt it publishes ``attempt.started``, ``attem
 heartbeats and ``attempt.finished`` to the coordinator events topic, keyed by the job key.
 Before it runs an attempt it claims it and waits for the coordinator's grant on the control
 topic, which it follows from every partition; a cancellation there stops the attempt at
-its next denoising step. Every second it reports its busy slots on the status topic.
+its next denoising step. Claimed attempts that can share one pipeline call (see
+``gpu_inference.batching``) run as a batch of up to ``max_batch_size``, waiting at most
+``max_batch_wait_ms`` for others. Progress, cancellation and failures stay per attempt.
+Every second it reports its busy slots on the status topic.
 A succeeded attempt also goes to the generated topic for post-processing. Offsets are
 committed only up to the oldest attempt that has not finished.
 
@@ -15,6 +18,7 @@ Run it with ``python -m gpu_inference.worker``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -31,8 +35,9 @@ from opentelemetry import context as otel_context
 from opentelemetry.trace import Span, SpanKind, StatusCode
 
 from gpu_inference.artifacts import ArtifactStore
+from gpu_inference.batching import Batcher, batch_key
+from gpu_inference.generation import GenerationCancelled, GenerationRequest, GenerationResult
 from gpu_inference.offsets import FlowControlledConsumer
-from gpu_inference.generation import GenerationCancelled, GenerationRequest
 from schemas.errors import EventDecodeError
 from schemas.events import (
     AttemptCancel,
@@ -43,6 +48,7 @@ from schemas.events import (
     AttemptStarted,
     AttemptStatus,
     ClaimDecision,
+    GenerationParams,
     Tier,
     WorkerStatus,
     decode_event,
@@ -80,6 +86,8 @@ class _Attempt:
     cancel_error_type: str = "cancelled"
     # Whether another worker should run the attempt again after this one cancels it.
     cancel_retriable: bool = False
+    # Attempts in the pipeline call that ran this one, itself included.
+    batch_size: int = 1
 
     def request_cancel(self, reason: str, *, error_type: str, retriable: bool) -> None:
         """Set the cancel flag; the first request wins, later ones are ignored."""
@@ -106,9 +114,40 @@ def build_runner(settings: Settings) -> Any:
         from gpu_inference.simulated import SimulatedRunner
 
         return SimulatedRunner(settings.worker.simulation)
-    from gpu_inference.pipeline import DiffusersRunner
+    from gpu_inference.pipeline import DiffusersRunner, dtype_named
 
-    return DiffusersRunner(settings.worker.model_path, settings.worker.device)
+    return DiffusersRunner(
+        settings.worker.model_path,
+        settings.worker.device,
+        memory_budget_mb=settings.worker.memory_budget_mb,
+        cuda_memory_fraction=settings.worker.cuda_memory_fraction,
+        cpu_dtype=dtype_named(settings.worker.cpu_dtype),
+    )
+
+
+@dataclass
+class _BatchEntry:
+    """One claimed attempt waiting for, or running in, a batch."""
+
+    attempt: _Attempt
+    request: GenerationRequest
+    on_step: Callable[[int, int], None]
+
+
+# A generation's result, or the exception that ended that attempt alone.
+_GenerationOutcome = GenerationResult | BaseException
+
+
+def _fit_slots(runner: Any, slots: int) -> int:
+    """Cap the slot count by the runner's memory budget at the default image size."""
+    budget_bytes = getattr(runner, "memory_budget_bytes", None)
+    if budget_bytes is None:
+        return slots
+    from gpu_inference.memory import estimate_sample_bytes, fit_slots
+
+    default_width = GenerationParams.model_fields["width"].default
+    default_height = GenerationParams.model_fields["height"].default
+    return fit_slots(slots, budget_bytes, estimate_sample_bytes(default_width, default_height))
 
 
 def default_worker_id() -> str:
@@ -126,24 +165,41 @@ class GpuWorker:
         stop_grace_s: float = STOP_GRACE_S,
     ) -> None:
         self.settings = settings
-        self.slots = settings.worker.slots
         self.worker_id = settings.worker.worker_id or default_worker_id()
         self.group_id = settings.worker.group_id
         self.topics = settings.topics
         self.stop_grace_s = stop_grace_s
         self.runner = runner or build_runner(settings)
+        self.slots = _fit_slots(self.runner, settings.worker.slots)
+
         self.store = ArtifactStore(settings.artifact_dir)
         self.tracing = Tracing("gpu-worker", settings.tracing, settings.topics.spans)
+        set_tracer = getattr(self.runner, "set_tracer", None)
+        if callable(set_tracer):
+            set_tracer(self.tracing.tracer)
+
+        # A batch never has more attempts than there are slots. Runners without
+        # generate_batch (the simulated GPU) run one attempt per call.
+        can_batch = callable(getattr(self.runner, "generate_batch", None))
+        self.batcher: Batcher[_BatchEntry, _GenerationOutcome] = Batcher(
+            self._run_batch,
+            max_batch_size=min(settings.worker.max_batch_size, self.slots) if can_batch else 1,
+            max_wait_s=settings.worker.max_batch_wait_ms / 1000,
+            limit_for=self._batch_limit,
+        )
+
         self.producer: AIOKafkaProducer = make_producer(settings.kafka)
         self.fetcher = FlowControlledConsumer(
             make_consumer(settings.kafka, group_id=self.group_id, max_poll_records=self.slots),
             self.group_id,
         )
+        # Full batches leave fewer calls running than slots, so each thread gets more cores.
+        concurrent_calls = -(-self.slots // self.batcher.max_batch_size)
         self.executor = ThreadPoolExecutor(
             max_workers=self.slots,
             thread_name_prefix="gpu-slot",
             initializer=self.runner.configure_thread,
-            initargs=(self.slots,),
+            initargs=(concurrent_calls,),
         )
         # Running attempts by attempt id; a redelivered record joins the attempt already running.
         self._running: dict[str, _Attempt] = {}
@@ -156,10 +212,12 @@ class GpuWorker:
     async def run(self, stop: asyncio.Event) -> None:
         topics = [self.topics.attempts(tier) for tier in Tier]
         logger.info(
-            "Starting GPU worker %s: group %s, %d slots, device %s, model path %s, topics %s",
+            "Starting GPU worker %s: group %s, %d slots, batches of up to %d, device %s, "
+            "model path %s, topics %s",
             self.worker_id,
             self.group_id,
             self.slots,
+            self.batcher.max_batch_size,
             self.runner.device,
             self.settings.worker.model_path or "none (random weights)",
             ", ".join(topics),
@@ -425,6 +483,7 @@ class GpuWorker:
     async def _run_claimed(self, attempt: _Attempt, span: Span, headers: Headers) -> None:
         outcome = await self._generate(attempt, headers)
         span.set_attribute("slotforge.gpu_s", outcome.gpu_s)
+        span.set_attribute("slotforge.batch_size", attempt.batch_size)
         span.set_attribute("slotforge.status", outcome.status.value)
         if outcome.status is not AttemptStatus.SUCCEEDED:
             span.set_status(StatusCode.ERROR, outcome.error or outcome.status.value)
@@ -458,8 +517,16 @@ class GpuWorker:
         progress: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
         pump = asyncio.create_task(self._publish_progress(event, progress, headers))
         on_step = self._step_callback(attempt, loop, progress)
+        request = GenerationRequest.from_params(event.params, event.seed)
+        # A cancelled or failed run still held the device, so its gpu_s is the wall time.
+        started_s = time.perf_counter()
         try:
-            return await loop.run_in_executor(self.executor, self._run_in_slot, attempt, on_step)
+            generated = await self.batcher.submit(
+                batch_key(event.params), _BatchEntry(attempt, request, on_step)
+            )
+            return await loop.run_in_executor(
+                self.executor, self._store_outcome, attempt, generated, started_s
+            )
         except asyncio.CancelledError:
             # A slot thread cannot be interrupted, so the cancel flag stops it at its next step.
             attempt.request_cancel("worker task cancelled", error_type="cancelled", retriable=True)
@@ -490,14 +557,62 @@ class GpuWorker:
 
         return on_step
 
-    def _run_in_slot(self, attempt: _Attempt, on_step: Callable[[int, int], None]) -> _Outcome:
-        """Generate the image and store it on a slot thread, returning failures as outcomes."""
+    def _batch_limit(self, entry: _BatchEntry, requested: int) -> int:
+        max_batch_size = getattr(self.runner, "max_batch_size", None)
+        if max_batch_size is None:
+            return requested
+        limit: int = max_batch_size(entry.request, requested)
+        return limit
+
+    async def _run_batch(
+        self, entries: list[_BatchEntry], done: Callable[[int, _GenerationOutcome], None]
+    ) -> list[_GenerationOutcome]:
+        for entry in entries:
+            entry.attempt.batch_size = len(entries)
+        if len(entries) > 1:
+            logger.info("Running a batch of %d attempts: %s", len(entries),
+                        ", ".join(entry.attempt.event.attempt_id for entry in entries))
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self._generate_in_slot, entries, done)
+
+    def _generate_in_slot(
+        self, entries: list[_BatchEntry], done: Callable[[int, _GenerationOutcome], None]
+    ) -> list[_GenerationOutcome]:
+        """Run a batch on a slot thread; errors come back as outcomes, one per attempt.
+
+        A cancelled attempt is reported through ``done`` when it leaves the batch, so its
+        slot frees before the batch ends.
+        """
+        generate_batch = getattr(self.runner, "generate_batch", None)
+        if callable(generate_batch):
+            from gpu_inference.pipeline import BatchItem
+
+            items = [
+                BatchItem(entry.request, entry.on_step, entry.attempt.cancel,
+                          functools.partial(done, index))
+                for index, entry in enumerate(entries)
+            ]
+            outcomes: list[_GenerationOutcome] = generate_batch(
+                items, parent=entries[0].attempt.context)
+            return outcomes
+        results: list[_GenerationOutcome] = []
+        for entry in entries:
+            try:
+                results.append(self.runner.generate(entry.request, on_step=entry.on_step,
+                                                    cancel=entry.attempt.cancel))
+            except Exception as err:  # noqa: BLE001 - returned as this attempt's outcome
+                results.append(err)
+        return results
+
+    def _store_outcome(
+        self, attempt: _Attempt, generated: _GenerationOutcome, started: float
+    ) -> _Outcome:
+        """Store the image on a slot thread, turning generation failures into outcomes."""
         event = attempt.event
-        request = GenerationRequest.from_params(event.params, event.seed)
-        # A cancelled or failed run still held the device, so its gpu_s is the wall time.
-        started = time.perf_counter()
         try:
-            result = self.runner.generate(request, on_step=on_step, cancel=attempt.cancel)
+            if isinstance(generated, BaseException):
+                raise generated
+            result = generated
         except GenerationCancelled as err:
             reason = attempt.cancel_reason or str(err)
             logger.info(
@@ -511,8 +626,9 @@ class GpuWorker:
                 retriable=attempt.cancel_retriable,
             )
         except Exception as err:  # noqa: BLE001 - any generation failure ends the attempt
-            logger.exception(
-                "Generation failed for attempt %s of job %s", event.attempt_id, event.job_id
+            logger.error(
+                "Generation failed for attempt %s of job %s: %s: %s",
+                event.attempt_id, event.job_id, type(err).__name__, err,
             )
             return _Outcome(
                 status=AttemptStatus.FAILED,

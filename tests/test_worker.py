@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -355,3 +356,59 @@ async def test_cancel_stops_running_attempt(settings: Settings) -> None:
     steps = [event.step for event in _events(events.records)
              if isinstance(event, AttemptProgress)]
     assert max(steps) < 400
+
+
+async def test_cancel_inside_batch_frees_slot(settings: Settings) -> None:
+    from schemas.events import AttemptCancel
+
+    configured = _with_worker(settings, worker_id="gpu-batch", slots=3, max_batch_size=3,
+                              max_batch_wait_ms=3000)
+    # One job key puts every event on one partition, so their offsets give the true order.
+    batch = [_dispatch(job_key="acme:batch", steps=400) for _ in range(3)]
+    batch = [attempt.model_copy(update={"seed": 42 + index})
+             for index, attempt in enumerate(batch)]
+    later = _dispatch(job_key="acme:batch", steps=2)
+    cancelled = batch[1]
+    runner = worker.build_runner(configured)
+    # Slow each step so the batch is still running when the freed slot takes the next one.
+    runner.before_step = lambda _batch_size, _step: time.sleep(0.05)
+    service = GpuWorker(configured, runner=runner)
+
+    async with TopicReader(settings.kafka, settings.topics.coordinator_events) as events:
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop))
+        try:
+            for attempt in batch:
+                await _send(settings, attempt)
+            await events.wait_for(
+                lambda seen: any(isinstance(event, AttemptProgress) and event.step >= 2
+                                 and event.attempt_id == cancelled.attempt_id
+                                 for event in _events(seen)), timeout_s=120)
+            cancel = AttemptCancel(attempt_id=cancelled.attempt_id, job_id=cancelled.job_id,
+                                   job_key=cancelled.job_key, epoch=cancelled.epoch,
+                                   worker_id="gpu-batch", reason="slots filled")
+            await produce(settings.kafka, settings.topics.control, encode_event(cancel),
+                          key=b"gpu-batch")
+            await events.wait_for(_count_finished(1), timeout_s=60)
+            # The freed slot takes the next attempt while the batch is still running.
+            await _send(settings, later)
+            await events.wait_for(_count_finished(4), timeout_s=180)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, timeout=90)
+
+    assert service.batcher.batch_sizes[0] == 3
+    finished = {event.attempt_id: event for event in _finished(events.records)}
+    assert finished[cancelled.attempt_id].status == AttemptStatus.CANCELLED
+    assert "slots filled" in (finished[cancelled.attempt_id].error or "")
+    for attempt in (batch[0], batch[2], later):
+        assert finished[attempt.attempt_id].status == AttemptStatus.SUCCEEDED
+    order = [(type(event).__name__, event.attempt_id) for event in _events(events.records)
+             if isinstance(event, AttemptFinished | AttemptStarted)]
+    later_started = order.index(("AttemptStarted", later.attempt_id))
+    assert later_started < order.index(("AttemptFinished", batch[0].attempt_id))
+    assert later_started < order.index(("AttemptFinished", batch[2].attempt_id))
+    cancelled_steps = [event.step for event in _events(events.records)
+                       if isinstance(event, AttemptProgress)
+                       and event.attempt_id == cancelled.attempt_id]
+    assert max(cancelled_steps) < 400
