@@ -70,7 +70,11 @@ def estimated_wait_s(tier: Tier, load: PoolLoad, policy: AdmissionPolicy) -> flo
     share = policy.shares.get(tier, 0.0)
     if share <= 0:
         return float("inf")
-    return load.backlog_attempts.get(tier, 0) / (throughput * share)
+    # Workers serve tiers by weighted shares but never idle, so the shares of tiers with
+    # nothing queued go to the tiers that have work.
+    busy_shares = sum(weight for other, weight in policy.shares.items()
+                      if other is tier or load.backlog_attempts.get(other, 0) > 0)
+    return load.backlog_attempts.get(tier, 0) / (throughput * share / busy_shares)
 
 
 def decide(

@@ -11,6 +11,8 @@ from schemas.events import Tier, WorkerStatus
 # Seconds of finished attempts that the throughput measurement averages over.
 THROUGHPUT_WINDOW_S = 30.0
 MAX_TRACKED_ATTEMPTS = 100_000
+# A handful of finished attempts says little about a pool's rate, so admission waits for more.
+MIN_THROUGHPUT_SAMPLES = 20
 
 
 @dataclass
@@ -57,9 +59,13 @@ class PoolMonitor:
             self._finished_at_s.popleft()
 
     def throughput_attempts_per_s(self, now_s: float | None = None) -> float:
+        """Finished attempts per second over the window; 0 until enough were seen to trust."""
         now = time.monotonic() if now_s is None else now_s
         self._trim(now)
-        return len(self._finished_at_s) / THROUGHPUT_WINDOW_S
+        if len(self._finished_at_s) < MIN_THROUGHPUT_SAMPLES:
+            return 0.0
+        elapsed_s = max(1.0, now - self._finished_at_s[0][0])
+        return len(self._finished_at_s) / min(elapsed_s, THROUGHPUT_WINDOW_S)
 
     def mean_attempt_s(self, default_s: float = 1.0) -> float:
         if not self._finished_at_s:

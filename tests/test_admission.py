@@ -37,17 +37,26 @@ def test_empty_pool_admits() -> None:
 
 
 def test_wait_just_inside_deadline_admits() -> None:
-    # Standard gets 3.5 attempts/s; 160 queued attempts wait about 45.7 s, own time 1 s.
-    decision = decide(Tier.STANDARD, 4, 60, False, _load({Tier.STANDARD: 160}), POLICY)
+    # With batch work queued too, standard gets 0.35/0.5 of 10 attempts/s = 7 attempts/s,
+    # so 329 queued attempts wait 47 s; with its own 1 s that fits 80% of 60 s.
+    backlog = {Tier.STANDARD: 329, Tier.BATCH: 50}
+    decision = decide(Tier.STANDARD, 4, 60, False, _load(backlog), POLICY)
     assert decision.action == AdmissionAction.ADMIT
-    assert math.isclose(decision.estimated_wait_s, 160 / 3.5)
+    assert math.isclose(decision.estimated_wait_s, 329 / 7.0)
 
 
 def test_wait_just_past_deadline_rejects() -> None:
-    decision = decide(Tier.STANDARD, 4, 60, False, _load({Tier.STANDARD: 170}), POLICY)
+    backlog = {Tier.STANDARD: 340, Tier.BATCH: 50}
+    decision = decide(Tier.STANDARD, 4, 60, False, _load(backlog), POLICY)
     assert decision.action == AdmissionAction.REJECT
     assert decision.retry_after_s is not None and decision.retry_after_s >= 1.0
     assert "deadline" in decision.reason
+
+
+def test_idle_tiers_lend_their_share() -> None:
+    decision = decide(Tier.STANDARD, 4, 60, False, _load({Tier.STANDARD: 400}), POLICY)
+    assert math.isclose(decision.estimated_wait_s, 40.0)
+    assert decision.action == AdmissionAction.ADMIT
 
 
 def test_downgrade_when_request_allows() -> None:

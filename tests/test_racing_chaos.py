@@ -98,9 +98,9 @@ async def test_racing_survives_worker_kills(settings: Settings, service_env: dic
             partitions = await topic_partitions(settings.kafka,
                                                 settings.topics.coordinator_events)
             ends = await events.consumer.end_offsets(partitions)
-            while any(await events.consumer.position(partition) < end
-                      for partition, end in ends.items()):
-                await events.poll()
+            for partition, end in ends.items():
+                while await events.consumer.position(partition) < end:
+                    await events.poll()
     finally:
         group.stop_all(grace_s=15)
 
