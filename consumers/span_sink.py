@@ -27,12 +27,15 @@ from clickhouse_connect.driver.exceptions import Error as ClickHouseClientError
 from pydantic import ValidationError
 
 from infra.clickhouse import (
+    SPAN_ROW_ADAPTER,
     ClickHouseStoreError,
-    SpanRow,
+    SpanRowFields,
     ensure_schema,
     insert_spans,
     open_client,
+    preload_insert_modules,
     redact_dsn,
+    span_column_values,
 )
 from schemas.errors import ConfigurationError, EventDecodeError
 from schemas.events import MAX_RECORD_BYTES
@@ -63,8 +66,10 @@ def _summarize(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def decode_span_row(data: bytes | None) -> SpanRow:
-    """Decode one record value written by ``streams.tracing.span_to_row``.
+def decode_span_row(data: bytes | None) -> SpanRowFields:
+    """Decode and validate one record value written by ``streams.tracing.span_to_row``.
+
+    The rules are those of ``infra.clickhouse.SpanRow``, but the row comes back as a dict.
 
     Raises:
         EventDecodeError: with ``error_type`` one of ``empty``, ``too_large``, ``encoding``,
@@ -79,7 +84,7 @@ def decode_span_row(data: bytes | None) -> SpanRow:
         )
 
     try:
-        return SpanRow.model_validate_json(data)
+        return SPAN_ROW_ADAPTER.validate_json(data)
     except ValidationError as err:
         error_types = {item["type"] for item in err.errors()}
         if "json_invalid" in error_types:
@@ -92,7 +97,8 @@ def decode_span_row(data: bytes | None) -> SpanRow:
             raise EventDecodeError(
                 f"span record value is not JSON: {_summarize(err)}", error_type="json"
             ) from err
-        if "model_type" in error_types:
+        # A dict_type error without a location is about the row itself, not one of its fields.
+        if any(item["type"] == "dict_type" and not item["loc"] for item in err.errors()):
             raise EventDecodeError(
                 "span record value is not a JSON object", error_type="not_object"
             ) from err
@@ -118,13 +124,16 @@ class SpanBatch:
 
     def add(self, record: ConsumerRecord[bytes, bytes], values: list[Any] | None) -> None:
         """Add a record's row, or only its offset when ``values`` is None (dead-lettered)."""
+        self.add_at(TopicPartition(record.topic, record.partition), record.offset, values)
+
+    def add_at(self, partition: TopicPartition, offset: int, values: list[Any] | None) -> None:
+        """Add the row read at ``offset`` of ``partition``, or only the offset when it is None."""
         if self.inserted:
             raise RuntimeError("cannot add records to a batch that is already inserted")
-        partition = TopicPartition(record.topic, record.partition)
         if self.started_at is None:
             self.started_at = time.monotonic()
-        self.first_offsets.setdefault(partition, record.offset)
-        self.next_offsets[partition] = record.offset + 1
+        self.first_offsets.setdefault(partition, offset)
+        self.next_offsets[partition] = offset + 1
         if values is None:
             self.dead_letters += 1
         else:
@@ -196,6 +205,8 @@ class ClickHouseWriter:
         except BaseException:
             client.close()
             raise
+        # Here, not on the first insert, so the import does not hold up the first batch.
+        preload_insert_modules()
         self._client = client
         logger.info(
             "Opened ClickHouse at %s, table %s",
@@ -236,24 +247,39 @@ class _BatchRebalanceListener(ConsumerRebalanceListener):
 
 
 class SpanSink:
-    """One span sink process: a consumer group member, a dead-letter producer and a writer."""
+    """One span sink process: a consumer group member, a dead-letter producer and a writer.
+
+    Two batches at most are held: one being stored (inserted, then committed) by a task
+    while the next one is read from Kafka. Stores run one at a time, so offsets commit in
+    order, each only after the insert of its batch succeeded.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topic = settings.topics.spans
         self.deadletter_topic = settings.topics.deadletter
         self.group_id = settings.clickhouse.sink_group_id
+        # The batch that takes new records.
         self.batch = SpanBatch()
+        # The batch that the store task inserts and commits, kept after a failure for a retry.
+        self.storing: SpanBatch | None = None
+        self._store_task: asyncio.Task[Exception | None] | None = None
         self.writer = ClickHouseWriter(settings.clickhouse)
         self.consumer = make_consumer(settings.kafka, group_id=self.group_id)
         self.producer = make_producer(settings.kafka)
-        # Serializes the main loop and the rebalance callback, which both touch the batch.
+        # Serializes the main loop and the rebalance callback, which both touch the batches.
         self._batch_lock = asyncio.Lock()
         self._retry_delay_s = INITIAL_RETRY_DELAY_S
         self._failed_attempts = 0
 
+    @property
+    def unstored_rows(self) -> int:
+        """Rows read but not yet committed: the batch being stored plus the one being read."""
+        storing = 0 if self.storing is None else len(self.storing.rows)
+        return storing + len(self.batch.rows)
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume and store spans until ``stop`` is set, then store the current batch and close."""
+        """Consume and store spans until ``stop`` is set, then store the held batches and close."""
         logger.info(
             "Span sink starting: topic=%s group=%s clickhouse=%s table=%s batch_rows=%d "
             "batch_wait_s=%.2f",
@@ -292,14 +318,20 @@ class SpanSink:
         max_rows = self.settings.clickhouse.batch_rows
         max_wait_s = self.settings.clickhouse.batch_wait_s
         while not stop.is_set():
-            # An inserted batch waits only for its commit and must not take new rows.
-            if not self.batch.inserted and len(self.batch.rows) < max_rows:
+            task = self._store_task
+            if task is not None and task.done():
+                if not await self._finish_store(task):
+                    await self._wait_before_retry(stop)
+                    await self._restart_store(stop)
+                    continue
+            task = self._store_task
+            if task is not None and self.batch.is_due(max_rows, max_wait_s):
+                # Both batches are ready, so the sink reads nothing until the store ends.
+                await asyncio.wait([task])
+            elif len(self.batch.rows) < max_rows:
                 await self._fetch(max_rows, max_wait_s)
-            if not self.batch.is_due(max_rows, max_wait_s):
-                continue
-            if await self._flush():
-                continue
-            await self._wait_before_retry(stop)
+            if self._store_task is None and self.batch.is_due(max_rows, max_wait_s):
+                await self._start_store()
 
     async def _fetch(self, max_rows: int, max_wait_s: float) -> None:
         timeout_s = POLL_TIMEOUT_S
@@ -310,42 +342,106 @@ class SpanSink:
             timeout_ms=int(timeout_s * 1000), max_records=max_rows - len(self.batch.rows)
         )
         async with self._batch_lock:
-            for partition_records in records.values():
+            for partition, partition_records in records.items():
                 for record in partition_records:
-                    await self._accept(record)
+                    await self._accept(partition, record)
 
-    async def _accept(self, record: ConsumerRecord[bytes, bytes]) -> None:
+    async def _accept(
+        self, partition: TopicPartition, record: ConsumerRecord[bytes, bytes]
+    ) -> None:
         try:
             row = decode_span_row(record.value)
         except EventDecodeError as err:
             await send_to_deadletter(
                 self.producer, self.deadletter_topic, record, self.group_id, err
             )
-            self.batch.add(record, None)
+            self.batch.add_at(partition, record.offset, None)
             return
-        self.batch.add(record, row.column_values())
+        self.batch.add_at(partition, record.offset, span_column_values(row))
+
+    async def _start_store(self) -> None:
+        """Hand the batch being read to a store task and start a new batch for reading."""
+        async with self._batch_lock:
+            if self.storing is not None or self.batch.is_empty():
+                return
+            self.storing, self.batch = self.batch, SpanBatch()
+            self._store_task = asyncio.create_task(self._store_batch(self.storing))
+
+    async def _restart_store(self, stop: asyncio.Event) -> None:
+        """Start another attempt at the failed batch, unless stopping or a rebalance dropped it."""
+        async with self._batch_lock:
+            if stop.is_set() or self.storing is None:
+                return
+            self._store_task = asyncio.create_task(self._store_batch(self.storing))
+
+    async def _finish_store(self, task: asyncio.Task[Exception | None]) -> bool:
+        """Take the result of a finished store task, and return False after logging a failure.
+
+        Raises the errors that no retry can fix.
+        """
+        async with self._batch_lock:
+            # A rebalance may have settled this store already.
+            if task is not self._store_task:
+                return True
+            self._store_task = None
+            error = task.result()
+            if error is None:
+                self.storing = None
+                self._reset_retry()
+                return True
+            assert self.storing is not None
+            self._log_store_failure(self.storing, error)
+            return False
+
+    async def _settle_store(self) -> tuple[SpanBatch, Exception] | None:
+        """Wait for the store task, and make one more attempt at its batch if it failed.
+
+        Call it with the batch lock held. Returns the batch and error of a failed attempt.
+        """
+        task, self._store_task = self._store_task, None
+        batch = self.storing
+        if batch is None:
+            return None
+        error = await task if task is not None else None
+        if task is None or error is not None:
+            error = await self._store_batch(batch)
+        if error is not None:
+            return batch, error
+        self.storing = None
+        return None
 
     async def _flush(self) -> bool:
-        """Store and commit the batch, and return False after logging a failure worth retrying."""
+        """Store and commit both held batches, and return False after logging a failure."""
         async with self._batch_lock:
-            error = await self._store_batch()
-        if error is None:
-            self._failed_attempts = 0
-            self._retry_delay_s = INITIAL_RETRY_DELAY_S
+            failure = await self._settle_store()
+            if failure is None and not self.batch.is_empty():
+                error = await self._store_batch(self.batch)
+                if error is None:
+                    self.batch = SpanBatch()
+                else:
+                    failure = (self.batch, error)
+        if failure is None:
+            self._reset_retry()
             return True
+        self._log_store_failure(*failure)
+        return False
 
+    def _reset_retry(self) -> None:
+        self._failed_attempts = 0
+        self._retry_delay_s = INITIAL_RETRY_DELAY_S
+
+    def _log_store_failure(self, batch: SpanBatch, error: Exception) -> None:
         self._failed_attempts += 1
         logger.warning(
             "Failed to store %d spans (attempt %d) from %s for group %s, retrying in %.1f s "
             "without committing: %s",
-            len(self.batch.rows),
+            len(batch.rows),
             self._failed_attempts,
-            self.batch.describe_offsets(),
+            batch.describe_offsets(),
             self.group_id,
             self._retry_delay_s,
             error,
         )
-        return False
 
     async def _wait_before_retry(self, stop: asyncio.Event) -> None:
         # While waiting the sink polls nothing. An outage longer than the consumer's
@@ -356,19 +452,17 @@ class SpanSink:
             pass
         self._retry_delay_s = min(self._retry_delay_s * 2, MAX_RETRY_DELAY_S)
 
-    async def _store_batch(self) -> Exception | None:
-        """Insert the batch unless done before, then commit its offsets.
+    async def _store_batch(self, batch: SpanBatch) -> Exception | None:
+        """Insert a batch unless done before, then commit its offsets.
 
-        Call it with the batch lock held. Returns the retriable error that stopped it, and
-        raises errors that no retry can fix.
+        Returns the retriable error that stopped it, and raises errors that no retry can fix.
         """
-        batch = self.batch
         if batch.is_empty():
             return None
 
         if not batch.inserted:
             # NOTE: a batch that ClickHouse rejects for its data, not for an outage, is retried
-            # forever. SpanRow's strict validation is what keeps such rows out of a batch.
+            # forever. The strict row validation is what keeps such rows out of a batch.
             try:
                 await self.writer.insert(batch.rows)
             except ClickHouseStoreError as err:
@@ -397,28 +491,32 @@ class SpanSink:
             )
         except KafkaError as err:
             return err
-        self.batch = SpanBatch()
         return None
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Store the batch before a rebalance, or drop it when ClickHouse fails.
+        """Store both held batches before a rebalance, or drop them when ClickHouse fails.
 
         Nothing of a dropped batch was committed, so the member that is assigned the
         partitions next reads those records again.
         """
         async with self._batch_lock:
-            if self.batch.is_empty():
+            failure = await self._settle_store()
+            if failure is None and not self.batch.is_empty():
+                error = await self._store_batch(self.batch)
+                if error is not None:
+                    failure = (self.batch, error)
+            if failure is None:
+                self.batch = SpanBatch()
                 return
-            error = await self._store_batch()
-            if error is None:
-                return
+            dropped = self.unstored_rows
             logger.warning(
                 "Dropped %d unstored spans from %s before a rebalance. They are read again "
                 "from the last commit: %s",
-                len(self.batch.rows),
-                self.batch.describe_offsets(),
-                error,
+                dropped,
+                failure[0].describe_offsets(),
+                failure[1],
             )
+            self.storing = None
             self.batch = SpanBatch()
 
     async def _store_remaining(self) -> None:
@@ -429,12 +527,16 @@ class SpanSink:
                 logger.warning(
                     "Stopping with %d spans not stored from %s. They stay in Kafka and are "
                     "read again when the span sink restarts",
-                    len(self.batch.rows),
-                    self.batch.describe_offsets(),
+                    self.unstored_rows,
+                    self._describe_unstored(),
                 )
                 return
             await asyncio.sleep(min(self._retry_delay_s, remaining_s))
             self._retry_delay_s = min(self._retry_delay_s * 2, MAX_RETRY_DELAY_S)
+
+    def _describe_unstored(self) -> str:
+        batches = [batch for batch in (self.storing, self.batch) if batch and not batch.is_empty()]
+        return ", ".join(batch.describe_offsets() for batch in batches) or "no offsets"
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:

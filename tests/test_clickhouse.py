@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from infra.clickhouse import (
     SPAN_COLUMNS,
+    SPAN_ROW_ADAPTER,
     SchemaMismatchError,
     SpanRow,
     SpanTableMissingError,
@@ -33,6 +34,7 @@ from infra.clickhouse import (
     open_client,
     quote_table,
     redact_dsn,
+    span_column_values,
     table_columns,
     table_exists,
 )
@@ -396,6 +398,11 @@ def test_span_row_accepts_tracing_output() -> None:
 
 
 @pytest.mark.parametrize(
+    "validate",
+    [SpanRow.model_validate_json, SPAN_ROW_ADAPTER.validate_json],
+    ids=["model", "adapter"],
+)
+@pytest.mark.parametrize(
     ("change", "field"),
     [
         ({"Timestamp": 1.5e18}, "Timestamp"),
@@ -408,11 +415,44 @@ def test_span_row_accepts_tracing_output() -> None:
         ({"Events": [{"Name": "no timestamp"}]}, "Events"),
     ],
 )
-def test_span_row_rejects_invalid_field(change: dict[str, Any], field: str) -> None:
+def test_span_row_rejects_invalid_field(
+    validate: Callable[[str], object], change: dict[str, Any], field: str
+) -> None:
     row = make_span_rows({"gpu": [1.0]})[0]
     row.update(change)
 
     with pytest.raises(ValidationError) as caught:
-        SpanRow.model_validate_json(json.dumps(row))
+        validate(json.dumps(row))
 
     assert caught.value.errors()[0]["loc"][0] == field
+
+
+def test_span_column_values_match_model() -> None:
+    rows = make_span_rows({"gpu": [1.0]})
+    assert rows[1]["Events"]
+    assert rows[1]["Links"]
+
+    for row in rows:
+        text = json.dumps(row)
+        expected = SpanRow.model_validate_json(text).column_values()
+        assert span_column_values(SPAN_ROW_ADAPTER.validate_json(text)) == expected
+
+
+def test_span_column_values_fill_defaults() -> None:
+    text = json.dumps({
+        "Timestamp": BASE_NS,
+        "TraceId": "a",
+        "SpanId": "b",
+        "SpanName": "s",
+        "Duration": 1,
+        "Events": [{"Timestamp": BASE_NS, "Name": "e"}],
+        "Links": [{"TraceId": "c", "SpanId": "d"}],
+    })
+
+    values = span_column_values(SPAN_ROW_ADAPTER.validate_json(text))
+
+    assert values == SpanRow.model_validate_json(text).column_values()
+    assert values[6] == "Internal"
+    assert values[13] == "Unset"
+    assert values[17] == [{}]
+    assert values[20] == [""]

@@ -64,6 +64,12 @@ def span_json() -> bytes:
         (b'{"SpanName": "\xff"}', "encoding"),
         (b"not json", "json"),
         (b"[1, 2]", "not_object"),
+        (b'"a string"', "not_object"),
+        (
+            b'{"Timestamp": 1, "TraceId": "a", "SpanId": "b", "SpanName": "s", "Duration": 1, '
+            b'"SpanAttributes": []}',
+            "validation",
+        ),
         (b'{"SpanName": "only a name"}', "validation"),
         (
             b'{"Timestamp": 1.5, "TraceId": "a", "SpanId": "b", "SpanName": "s", "Duration": 1}',
@@ -91,9 +97,9 @@ def test_decode_span_row_accepts_tracing_row() -> None:
 
     decoded = decode_span_row(json.dumps(row).encode())
 
-    assert decoded.TraceId == row["TraceId"]
-    assert decoded.Duration == row["Duration"]
-    assert decoded.SpanAttributes == {STAGE_ATTRIBUTE: "gpu"}
+    assert decoded["TraceId"] == row["TraceId"]
+    assert decoded["Duration"] == row["Duration"]
+    assert decoded["SpanAttributes"] == {STAGE_ATTRIBUTE: "gpu"}
 
 
 def test_batch_tracks_offsets_per_partition() -> None:
@@ -209,13 +215,8 @@ def span_records(rows: list[dict[str, Any]]) -> list[tuple[bytes, bytes]]:
     return [(row["TraceId"].encode(), json.dumps(row).encode()) for row in rows]
 
 
-@pytest.mark.integration
-async def test_sink_stores_spans_and_dead_letters(settings: Settings) -> None:
-    rows = make_span_rows({"gpu": [5.0, 10.0, 20.0], "dispatch": [1.0, 2.0]})
-    garbage = (b"garbage-key", b"{not a span")
-    await produce(settings, [*span_records(rows[:3]), garbage, *span_records(rows[3:])])
-    total_records = len(rows) + 1
-
+async def run_until_committed(settings: Settings, total_records: int) -> None:
+    """Run the span sink until its group has committed ``total_records``, then stop it."""
     stop = asyncio.Event()
     task = asyncio.create_task(span_sink.run(settings, stop))
 
@@ -226,6 +227,16 @@ async def test_sink_stores_spans_and_dead_letters(settings: Settings) -> None:
     await wait_until(all_committed, "the sink to commit every record")
     stop.set()
     await asyncio.wait_for(task, WAIT_TIMEOUT_S)
+
+
+@pytest.mark.integration
+async def test_sink_stores_spans_and_dead_letters(settings: Settings) -> None:
+    rows = make_span_rows({"gpu": [5.0, 10.0, 20.0], "dispatch": [1.0, 2.0]})
+    garbage = (b"garbage-key", b"{not a span")
+    await produce(settings, [*span_records(rows[:3]), garbage, *span_records(rows[3:])])
+    total_records = len(rows) + 1
+
+    await run_until_committed(settings, total_records)
 
     directory = chdb_directory(settings.clickhouse.dsn)
     assert directory is not None
@@ -295,6 +306,28 @@ async def test_sink_stores_spans_and_dead_letters(settings: Settings) -> None:
 
 
 @pytest.mark.integration
+async def test_sink_stores_many_small_batches(settings: Settings) -> None:
+    # Batches of 2 rows make the sink insert one batch while it reads the next.
+    settings.clickhouse.batch_rows = 2
+    settings.clickhouse.batch_wait_s = 0.2
+    rows = make_span_rows({"gpu": [float(number) for number in range(1, 12)]})
+    garbage = (b"garbage-key", b"[]")
+    await produce(settings, [*span_records(rows[:5]), garbage, *span_records(rows[5:])])
+    total_records = len(rows) + 1
+
+    await run_until_committed(settings, total_records)
+
+    client = open_client(settings.clickhouse)
+    try:
+        stored_ids = client.query("SELECT SpanId FROM otel_traces").result_rows
+    finally:
+        client.close()
+    assert sorted(span_id for (span_id,) in stored_ids) == sorted(row["SpanId"] for row in rows)
+    letters = await read_dead_letters(settings, expected=1)
+    assert [letter.error_type for letter in letters] == ["not_object"]
+
+
+@pytest.mark.integration
 async def test_sink_stores_held_rows_on_stop(settings: Settings) -> None:
     # Neither limit is reached, so only the stop path can store these rows.
     settings.clickhouse.batch_rows = 10_000
@@ -308,7 +341,7 @@ async def test_sink_stores_held_rows_on_stop(settings: Settings) -> None:
 
     async def all_read() -> bool:
         assert not task.done(), "the span sink exited early"
-        return len(sink.batch.rows) == len(rows)
+        return sink.unstored_rows == len(rows)
 
     await wait_until(all_read, "the sink to read every record")
     assert await committed_records(settings) == 0
@@ -347,7 +380,7 @@ async def test_sink_keeps_spans_in_kafka_while_store_locked(
             return len(failed_attempts()) >= 2
 
         await wait_until(retried_twice, "two failed insert attempts")
-        assert len(sink.batch.rows) == len(rows)
+        assert sink.unstored_rows == len(rows)
         assert await committed_records(settings) == 0
         stop.set()
         await asyncio.wait_for(task, WAIT_TIMEOUT_S)
