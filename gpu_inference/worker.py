@@ -72,6 +72,7 @@ logger = logging.getLogger(__name__)
 STOP_GRACE_S = 30.0
 
 _MAX_ERROR_CHARS = 2_000
+MAX_REMEMBERED_CANCELS = 50_000
 
 
 @dataclass
@@ -204,6 +205,8 @@ class GpuWorker:
         # Running attempts by attempt id; a redelivered record joins the attempt already running.
         self._running: dict[str, _Attempt] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Attempts cancelled before this worker took them, oldest first, bounded.
+        self._cancelled_queued: dict[tuple[str, int], None] = {}
         # Claims waiting for the coordinator's decision, by attempt id and epoch.
         self._claims: dict[tuple[str, int], asyncio.Future[ClaimDecision]] = {}
         self.control: AIOKafkaConsumer = make_consumer(settings.kafka, group_id=None,
@@ -283,7 +286,13 @@ class GpuWorker:
             return
 
         attempt = self._running.get(message.attempt_id)
-        if attempt is None or message.epoch < attempt.event.epoch:
+        if attempt is None:
+            # Cancelled while still queued: remember it, so its record is dropped unclaimed.
+            self._cancelled_queued[(message.attempt_id, message.epoch)] = None
+            if len(self._cancelled_queued) > MAX_REMEMBERED_CANCELS:
+                self._cancelled_queued.pop(next(iter(self._cancelled_queued)))
+            return
+        if message.epoch < attempt.event.epoch:
             return
         if message.worker_id not in (None, self.worker_id):
             return
@@ -409,6 +418,12 @@ class GpuWorker:
                 "slotforge.attempt_id": event.attempt_id,
             },
         )
+
+        if (event.attempt_id, event.epoch) in self._cancelled_queued:
+            logger.info("Dropping attempt %s (epoch %d) of job %s: cancelled while queued",
+                        event.attempt_id, event.epoch, event.job_id)
+            self.fetcher.finish(record)
+            return
 
         running = self._running.get(event.attempt_id)
         if running is not None:

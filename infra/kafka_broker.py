@@ -69,7 +69,11 @@ def fetch_jars(libs_dir: Path = DEFAULT_LIBS_DIR) -> Path:
 
 
 def _random_cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    # The storage tool reads an id that starts with "-" as an option, so draw another.
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 @dataclass

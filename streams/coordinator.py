@@ -62,6 +62,8 @@ from streams.tracing import Tracing, datetime_ns, extract_context, inject_header
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "coordinator"
+# Seconds before the same cancellation is published again.
+CANCEL_REPEAT_S = 5.0
 Headers = list[tuple[str, bytes]]
 
 
@@ -158,6 +160,7 @@ class Coordinator:
         self._renewals: dict[str, tuple[int, str, datetime]] = {}
         self._started_at = _utc_now()
         self._sweeps_sent: set[tuple[str, str, str]] = set()
+        self._cancels_sent: dict[tuple[str, int], float] = {}
 
         self.app.agent(self.requests_topic, name="requests")(self._requests_agent)
         self.app.agent(self.events_topic, name="events")(self._events_agent)
@@ -584,6 +587,15 @@ class Coordinator:
         for claim in decision.claims:
             await self._send_claim_decision(claim)
         for cancel in decision.cancel:
+            # Heartbeats of an attempt being cancelled ask again; one repeat per interval
+            # is enough for a worker that missed the first message.
+            marker = (cancel.attempt_id, cancel.epoch)
+            now_s = time.monotonic()
+            if now_s - self._cancels_sent.get(marker, -CANCEL_REPEAT_S) < CANCEL_REPEAT_S:
+                continue
+            self._cancels_sent[marker] = now_s
+            if len(self._cancels_sent) > 100_000:
+                self._cancels_sent.pop(next(iter(self._cancels_sent)))
             self.pool.claimed(cancel.attempt_id)
             self.liveness.finished(cancel.attempt_id)
             self._renewals.pop(cancel.attempt_id, None)

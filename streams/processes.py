@@ -95,11 +95,24 @@ class ProcessGroup:
             logger.info("Killed %s (pid %d)", child.name, child.pid)
 
     def stop_all(self, grace_s: float = 30.0) -> None:
+        """Send SIGTERM to every child at once, then wait for each, killing laggards.
+
+        Each child gets one SIGTERM only, because a second signal cancels a service
+        without its graceful drain.
+        """
         for child in reversed(self.processes):
             if child.alive():
                 child.signal(signal.SIGTERM)
         for child in reversed(self.processes):
-            self.stop(child, grace_s)
+            try:
+                child.process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s (pid %d) did not stop within %.0f s; killing it",
+                               child.name, child.pid, grace_s)
+                child.process.kill()
+                child.process.wait()
+            logger.info("Stopped %s (pid %d) with status %s", child.name, child.pid,
+                        child.process.returncode)
 
     def failed(self) -> list[ServiceProcess]:
         """Children that exited on their own."""

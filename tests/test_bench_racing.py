@@ -1,0 +1,173 @@
+"""The racing benchmark: its metrics on hand-made events, and a tiny run on the real pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from bench import racing
+from bench.pipeline_run import AttemptLog, JobOutcome, duplicate_executions
+from infra.kafka_broker import KafkaBroker
+from schemas.events import (
+    AttemptFinished,
+    AttemptStarted,
+    AttemptStatus,
+    JobCompleted,
+    JobStatus,
+    SlotResult,
+    Tier,
+)
+from streams.trace_replay import TraceRequest
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _started(attempt_id: str, worker_id: str, at_s: float, epoch: int = 1) -> AttemptStarted:
+    return AttemptStarted(attempt_id=attempt_id, job_id="job", job_key="k", epoch=epoch,
+                          worker_id=worker_id, started_at=T0 + timedelta(seconds=at_s))
+
+
+def _finished(attempt_id: str, worker_id: str, at_s: float, gpu_s: float, epoch: int = 1,
+              status: AttemptStatus = AttemptStatus.SUCCEEDED) -> AttemptFinished:
+    return AttemptFinished(attempt_id=attempt_id, job_id="job", job_key="k", epoch=epoch,
+                           worker_id=worker_id, status=status, slot=0, gpu_s=gpu_s,
+                           emitted_at=T0 + timedelta(seconds=at_s))
+
+
+def _row(user: str, arrival_s: float = 0.0, slots: int = 1) -> TraceRequest:
+    return TraceRequest(arrival_s=arrival_s, user=user, model="M0", steps=30, slots=slots,
+                        prompt_length=40, negative_prompt_length=0, predict_type="TXT_2_IMG",
+                        exec_time_s=1.0)
+
+
+def test_duplicates_none_for_sequential_runs() -> None:
+    # A re-dispatch after the first run ended is a retry, not a duplicate.
+    log = AttemptLog(
+        started=[_started("a-1", "w1", 0.0), _started("a-1", "w2", 2.0, epoch=2)],
+        finished=[_finished("a-1", "w1", 1.0, 1.0), _finished("a-1", "w2", 3.0, 1.0, epoch=2)],
+    )
+
+    assert duplicate_executions(log) == []
+
+
+def test_duplicates_same_epoch_two_workers() -> None:
+    log = AttemptLog(
+        started=[_started("a-1", "w1", 0.0), _started("a-1", "w2", 5.0)],
+        finished=[_finished("a-1", "w1", 1.0, 1.0), _finished("a-1", "w2", 6.0, 1.0)],
+    )
+
+    [duplicate] = duplicate_executions(log)
+    assert duplicate.same_epoch
+    assert not duplicate.overlapping
+    assert duplicate.workers == ("w1", "w2")
+
+
+def test_duplicates_overlap_across_epochs() -> None:
+    # The first worker never reported a finish, so it counts as running to the end.
+    log = AttemptLog(
+        started=[_started("a-1", "w1", 0.0), _started("a-1", "w2", 2.0, epoch=2)],
+        finished=[_finished("a-1", "w2", 3.0, 1.0, epoch=2)],
+    )
+
+    [duplicate] = duplicate_executions(log)
+    assert duplicate.overlapping
+    assert not duplicate.same_epoch
+
+
+def test_run_metrics_gpu_accounting() -> None:
+    completed = JobCompleted(
+        job_id="job", job_key="k", tenant_id="t", user_id="u", status=JobStatus.COMPLETED,
+        requested_slots=1, attempts=3, tier=Tier.STANDARD, requested_at=T0,
+        slots=[SlotResult(slot=0, attempt_id="a-2", artifact_uri="file:///x", score=0.9)],
+    )
+    outcome = JobOutcome("job", 1, submitted_s=0.0, ended_s=2.0, status="completed",
+                         completed=completed)
+    log = AttemptLog(
+        started=[_started("a-1", "w1", 0.0), _started("a-2", "w2", 0.0),
+                 _started("a-3", "w1", 0.5)],
+        finished=[
+            _finished("a-1", "w1", 1.0, 1.0),
+            _finished("a-2", "w2", 1.5, 1.5),
+            _finished("a-3", "w1", 1.0, 0.5, status=AttemptStatus.CANCELLED),
+        ],
+    )
+
+    metrics = racing.run_metrics([outcome], log)
+
+    assert metrics["gpu_s"] == pytest.approx(3.0)
+    assert metrics["gpu_s_per_delivered_slot"] == pytest.approx(3.0)
+    assert metrics["wasted_gpu_fraction"] == pytest.approx(0.5)
+    assert metrics["p50_job_s"] == pytest.approx(2.0)
+    assert metrics["duplicate_executions"] == 0
+    assert metrics["completed"] == 1
+
+
+def test_regeneration_flags_repeat_keys() -> None:
+    rows = [_row("G1"), _row("G2"), _row("G1"), _row("G1")]
+
+    assert racing.regeneration_flags(rows) == [False, False, True, True]
+
+
+def test_representative_stretch_matches_share() -> None:
+    # Stretch 0 has no repeats, stretch 1 has the whole trace's share of repeats.
+    trace = [_row(f"U{index}") for index in range(4)] + [_row("R"), _row("R"), _row("S"),
+                                                         _row("T")]
+
+    start, share = racing.representative_stretch(trace, 4)
+
+    assert share == pytest.approx(1 / 8)
+    assert start == 0 or racing.regeneration_flags(trace[start:start + 4]).count(True) == 1
+
+
+def test_job_seed_is_stable() -> None:
+    assert racing.job_seed(7, 3) == racing.job_seed(7, 3)
+    assert racing.job_seed(7, 3) != racing.job_seed(7, 4)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_racing_suite_smoke(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    racing.add_arguments(parser)
+    args = parser.parse_args([
+        "--jobs", "4", "--loads", "1.5", "--cache-requests", "6",
+        "--work-dir", str(tmp_path / "work"),
+        "--bootstrap-servers", kafka_broker.bootstrap_servers,
+    ])
+    out = tmp_path / "racing.json"
+
+    report = racing.run(out, args)
+
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert set(report) >= {"results", "cache", "setup"}
+    assert set(report["results"]) == {"load_1.5"}
+    assert set(report["results"]["load_1.5"]) == set(racing.POLICIES)
+    for policy, item in report["results"]["load_1.5"].items():
+        assert item["jobs"] == 4, policy
+        assert item["completed"] + item["partial"] + item["failed"] == 4, policy
+        assert item["timed_out"] == 0, policy
+        assert item["duplicate_executions"] == 0, policy
+        assert item["delivered_slots"] > 0, policy
+        for metric in ("p50_job_s", "p99_job_s", "gpu_s_per_delivered_slot",
+                       "wasted_gpu_fraction", "fallback_slots"):
+            assert item[metric] is not None, (policy, metric)
+
+    cache = report["cache"]
+    assert cache["requests"] == 6
+    assert cache["completed"] + cache["partial"] + cache["failed"] == 6
+    assert cache["timed_out"] == 0
+    for metric in ("regeneration_requests", "regenerated_slots", "slots_from_cache",
+                   "p50_cached_slot_ms"):
+        assert metric in cache
+
+    setup = report["setup"]
+    assert setup["cpu_count"] >= 1
+    assert setup["kafka"] != "unknown"
+    assert "slotforge bench racing" in setup["commands"]["reproduce"]
+    page = racing.render_markdown(report)
+    assert "## Racing" in page
+    assert "| 1.5 | adaptive |" in page
