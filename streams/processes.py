@@ -76,13 +76,16 @@ class ProcessGroup:
         """Send SIGTERM, then SIGKILL after ``grace_s``; returns the exit status."""
         if child.alive():
             child.signal(signal.SIGTERM)
-            try:
-                child.process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                logger.warning("%s (pid %d) did not stop within %.0f s; killing it",
-                               child.name, child.pid, grace_s)
-                child.process.kill()
-                child.process.wait()
+        return self._wait(child, grace_s)
+
+    def _wait(self, child: ServiceProcess, grace_s: float) -> int | None:
+        try:
+            child.process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s (pid %d) did not stop within %.0f s; killing it",
+                           child.name, child.pid, grace_s)
+            child.process.kill()
+            child.process.wait()
         logger.info("Stopped %s (pid %d) with status %s", child.name, child.pid,
                     child.process.returncode)
         return child.process.returncode
@@ -104,15 +107,7 @@ class ProcessGroup:
             if child.alive():
                 child.signal(signal.SIGTERM)
         for child in reversed(self.processes):
-            try:
-                child.process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                logger.warning("%s (pid %d) did not stop within %.0f s; killing it",
-                               child.name, child.pid, grace_s)
-                child.process.kill()
-                child.process.wait()
-            logger.info("Stopped %s (pid %d) with status %s", child.name, child.pid,
-                        child.process.returncode)
+            self._wait(child, grace_s)
 
     def failed(self) -> list[ServiceProcess]:
         """Children that exited on their own."""
