@@ -12,7 +12,16 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
+from aiokafka.errors import KafkaError
+
+from streams.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -263,3 +272,16 @@ class _FlowControlListener(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         self.owner.on_assigned(set(assigned))
+
+
+async def commit_and_flush(fetcher: FlowControlledConsumer, tracing: Tracing,
+                           producer: AIOKafkaProducer) -> None:
+    """Commit finished offsets and publish pending spans on stop, logging what fails."""
+    try:
+        await fetcher.commit()
+    except KafkaError:
+        logger.exception("Failed to commit offsets of group %s on stop", fetcher.group_id)
+    try:
+        await tracing.flush(producer)
+    except KafkaError:
+        logger.exception("Failed to flush spans on stop")

@@ -20,7 +20,7 @@ from aiokafka.errors import KafkaError
 from opentelemetry.trace import SpanKind, StatusCode
 
 from gpu_inference.artifacts import ArtifactError, ArtifactStore
-from gpu_inference.offsets import FlowControlledConsumer
+from gpu_inference.offsets import FlowControlledConsumer, commit_and_flush
 from gpu_inference.scoring import InvalidImageError, judge, score_png
 from schemas.errors import EventDecodeError
 from schemas.events import AttemptFinished, AttemptStatus, ResultScored, decode_event, encode_event
@@ -114,14 +114,7 @@ class Postprocessor:
             logger.info("Stopped post-processing group %s", self.group_id)
 
     async def _commit_and_flush(self) -> None:
-        try:
-            await self.fetcher.commit()
-        except KafkaError:
-            logger.exception("Failed to commit offsets of group %s on stop", self.group_id)
-        try:
-            await self.tracing.flush(self.producer)
-        except KafkaError:
-            logger.exception("Failed to flush spans on stop")
+        await commit_and_flush(self.fetcher, self.tracing, self.producer)
 
     async def _consume(self, stop: asyncio.Event) -> None:
         # Leaving the task group waits for the scorings in flight; each takes milliseconds.

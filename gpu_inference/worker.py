@@ -37,7 +37,7 @@ from opentelemetry.trace import Span, SpanKind, StatusCode
 from gpu_inference.artifacts import ArtifactStore
 from gpu_inference.batching import Batcher, batch_key
 from gpu_inference.generation import GenerationCancelled, GenerationRequest, GenerationResult
-from gpu_inference.offsets import FlowControlledConsumer
+from gpu_inference.offsets import FlowControlledConsumer, commit_and_flush
 from schemas.errors import EventDecodeError
 from schemas.events import (
     AttemptCancel,
@@ -352,14 +352,7 @@ class GpuWorker:
             self._claims.pop(key, None)
 
     async def _commit_and_flush(self) -> None:
-        try:
-            await self.fetcher.commit()
-        except KafkaError:
-            logger.exception("Failed to commit offsets of group %s on stop", self.group_id)
-        try:
-            await self.tracing.flush(self.producer)
-        except KafkaError:
-            logger.exception("Failed to flush spans on stop")
+        await commit_and_flush(self.fetcher, self.tracing, self.producer)
 
     async def _consume(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as attempts:
