@@ -21,6 +21,7 @@ from schemas.errors import EventDecodeError
 from schemas.events import decode_event
 from streams.config import Settings
 from streams.kafka import make_consumer, make_producer, send_to_deadletter
+from streams.metrics import lag_routine
 from streams.tracing import Tracing, extract_context, stage_span
 
 logger = logging.getLogger(__name__)
@@ -100,9 +101,13 @@ async def run_record_loop(
 
     try:
         async with asyncio.TaskGroup() as group:
-            spans_task = group.create_task(tracing.publish_routine(producer))
+            background = [group.create_task(tracing.publish_routine(producer))]
+            if settings.metrics.port:
+                background.append(group.create_task(
+                    lag_routine(consumer, group_id, settings.metrics.lag_interval_s)))
             await consume_routine()
-            spans_task.cancel()
+            for task in background:
+                task.cancel()
     finally:
         with contextlib.suppress(Exception):
             await tracing.flush(producer)

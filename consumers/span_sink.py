@@ -41,6 +41,7 @@ from schemas.errors import ConfigurationError, EventDecodeError
 from schemas.events import MAX_RECORD_BYTES
 from streams.config import ClickHouseSettings, Settings, load_settings
 from streams.kafka import make_consumer, make_producer, send_to_deadletter
+from streams.metrics import lag_routine
 from streams.service import serve
 
 logger = logging.getLogger(__name__)
@@ -295,7 +296,15 @@ class SpanSink:
             await self.producer.start()
             self.consumer.subscribe([self.topic], listener=_BatchRebalanceListener(self))
             await self.consumer.start()
-            await self._consume(stop)
+            lag_task = None
+            if self.settings.metrics.port:
+                lag_task = asyncio.create_task(lag_routine(
+                    self.consumer, self.group_id, self.settings.metrics.lag_interval_s))
+            try:
+                await self._consume(stop)
+            finally:
+                if lag_task is not None:
+                    lag_task.cancel()
         finally:
             try:
                 await self._store_remaining()

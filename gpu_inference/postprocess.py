@@ -26,6 +26,7 @@ from schemas.errors import EventDecodeError
 from schemas.events import AttemptFinished, AttemptStatus, ResultScored, decode_event, encode_event
 from streams.config import Settings, load_settings
 from streams.kafka import make_consumer, make_producer, send_to_deadletter
+from streams.metrics import lag_routine
 from streams.service import serve
 from streams.tracing import Tracing, extract_context, inject_headers, stage_span
 
@@ -99,12 +100,18 @@ class Postprocessor:
             await self.fetcher.consumer.start()
             try:
                 async with asyncio.TaskGroup() as services:
-                    publisher = services.create_task(self.tracing.publish_routine(self.producer))
+                    background = [
+                        services.create_task(self.tracing.publish_routine(self.producer))]
+                    if self.settings.metrics.port:
+                        background.append(services.create_task(lag_routine(
+                            self.fetcher.consumer, self.group_id,
+                            self.settings.metrics.lag_interval_s)))
                     try:
                         await self._consume(stop)
                     finally:
                         await self._commit_and_flush()
-                        publisher.cancel()
+                        for task in background:
+                            task.cancel()
             finally:
                 await self.fetcher.consumer.stop()
         finally:

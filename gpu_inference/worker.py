@@ -63,6 +63,7 @@ from streams.kafka import (
     send_to_deadletter,
     topic_partitions,
 )
+from streams.metrics import ATTEMPTS_IN_FLIGHT, SLOT_UTILIZATION, lag_routine
 from streams.service import serve
 from streams.tracing import Tracing, extract_context, inject_headers, record_wait, stage_span
 
@@ -237,6 +238,10 @@ class GpuWorker:
                         services.create_task(self._control_routine()),
                         services.create_task(self._status_routine()),
                     ]
+                    if self.settings.metrics.port:
+                        background.append(services.create_task(lag_routine(
+                            self.fetcher.consumer, self.group_id,
+                            self.settings.metrics.lag_interval_s)))
                     try:
                         await self._consume(stop)
                     finally:
@@ -313,6 +318,8 @@ class GpuWorker:
             await asyncio.sleep(self.settings.worker.status_interval_s)
 
     async def _send_status(self, *, stopping: bool) -> None:
+        ATTEMPTS_IN_FLIGHT.labels(self.group_id).set(len(self._running))
+        SLOT_UTILIZATION.labels(self.group_id).set(min(1.0, len(self._running) / self.slots))
         warm = getattr(self.runner, "warm_models", None)
         status = WorkerStatus(
             worker_id=self.worker_id, slots=self.slots, busy=len(self._running),
@@ -407,8 +414,8 @@ class GpuWorker:
             parent=context,
             attributes={
                 "slotforge.tier": event.tier.value,
-                "slotforge.job_id": event.job_id,
-                "slotforge.attempt_id": event.attempt_id,
+                "slotforge.job.id": event.job_id,
+                "slotforge.attempt.id": event.attempt_id,
             },
         )
 
@@ -450,11 +457,11 @@ class GpuWorker:
                 attributes={
                     "gen_ai.request.model": event.params.model,
                     "gen_ai.request.seed": event.seed,
-                    "slotforge.job_id": event.job_id,
-                    "slotforge.attempt_id": event.attempt_id,
+                    "slotforge.job.id": event.job_id,
+                    "slotforge.attempt.id": event.attempt_id,
                     "slotforge.attempt_no": event.attempt_no,
                     "slotforge.steps": event.params.steps,
-                    "slotforge.worker_id": self.worker_id,
+                    "slotforge.worker.id": self.worker_id,
                     "slotforge.tier": event.tier.value,
                 },
             ) as span:
@@ -494,6 +501,8 @@ class GpuWorker:
         span.set_attribute("slotforge.batch_size", attempt.batch_size)
         span.set_attribute("slotforge.status", outcome.status.value)
         if outcome.status is not AttemptStatus.SUCCEEDED:
+            # error.type is the OpenTelemetry attribute the failure queries group by.
+            span.set_attribute("error.type", outcome.error_type or outcome.status.value)
             span.set_status(StatusCode.ERROR, outcome.error or outcome.status.value)
         await self._publish_finished(attempt, outcome, headers)
 

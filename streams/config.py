@@ -186,6 +186,17 @@ class TracingSettings(BaseModel):
     redact_prompts: bool = False
 
 
+class MetricsSettings(BaseModel):
+    """Prometheus endpoint of one process."""
+
+    # 0 turns the endpoint off. Each process on a host needs its own port, so ProcessGroup
+    # hands out consecutive ports from a base when one is set.
+    port: int = Field(default=0, ge=0, le=65_535)
+    # Loopback by default because the endpoint has no authentication.
+    address: str = "127.0.0.1"
+    lag_interval_s: float = Field(default=5.0, gt=0)
+
+
 class Settings(BaseSettings):
     """All settings of one slotforge process."""
 
@@ -200,6 +211,7 @@ class Settings(BaseSettings):
     consumers: ConsumerSettings = ConsumerSettings()
     clickhouse: ClickHouseSettings = ClickHouseSettings()
     tracing: TracingSettings = TracingSettings()
+    metrics: MetricsSettings = MetricsSettings()
     artifact_dir: Path = LOCAL_DIR / "artifacts"
     # Result manifests written by the critical delivery consumer, one JSON file per job.
     delivery_dir: Path = LOCAL_DIR / "deliveries"

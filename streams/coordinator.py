@@ -52,7 +52,20 @@ from streams.admission import decide as decide_admission
 from streams.config import Settings, load_settings
 from streams.flight import AttemptRecord, Decision, FlightLimits, FlightState, PoolView
 from streams.flight import parameter_class as class_of
-from streams.kafka import group_lag, make_consumer, make_producer, topic_partitions
+from streams.kafka import (
+    group_lag,
+    group_partition_lags,
+    make_consumer,
+    make_producer,
+    topic_partitions,
+)
+from streams.metrics import (
+    ADMISSION_DECISIONS,
+    CACHE_LOOKUPS,
+    CONSUMER_LAG,
+    DEAD_LETTERS,
+    start_metrics_server,
+)
 from streams.liveness import LivenessTracker
 from streams.pool import PoolMonitor
 from streams.step_times import StepClass
@@ -168,6 +181,8 @@ class Coordinator:
         self.app.task(self._span_publisher)
         self.app.task(self._worker_status_routine)
         self.app.task(self._downstream_lag_routine)
+        if settings.metrics.port:
+            self.app.task(self._own_lag_routine)
 
     def _raw_topic(self, name: str, partitions: int | None = None) -> faust.TopicT:
         return self.app.topic(
@@ -226,6 +241,25 @@ class Coordinator:
                 logger.warning("Post-processing lag is %d records (speculation bound %d)",
                                lag, config.postprocess_lag_speculation_bound)
             self._postprocess_lag = lag
+
+    async def _own_lag_routine(self) -> None:
+        """Publish the coordinator group's committed lag per partition as a metric.
+
+        faust owns the group's consumer, so the lag comes from committed offsets, which
+        trail the position by up to one commit interval.
+        """
+        group_id = self.app.conf.id
+        topics = [self.settings.topics.jobs_requested, self.settings.topics.coordinator_events]
+        while True:
+            try:
+                lags = await group_partition_lags(self.settings.kafka, group_id, topics)
+            except Exception:  # noqa: BLE001 - a failed measurement keeps the last values
+                logger.warning("Failed to measure the lag of group %s", group_id, exc_info=True)
+            else:
+                for partition, lag in lags.items():
+                    CONSUMER_LAG.labels(group_id, partition.topic,
+                                        str(partition.partition)).set(lag)
+            await asyncio.sleep(self.settings.metrics.lag_interval_s)
 
     def _pool_view(self, flight: FlightState) -> PoolView:
         bound = self.settings.coordinator.postprocess_lag_speculation_bound
@@ -302,6 +336,7 @@ class Coordinator:
             reason=error.reason[:4_000],
         )
         await self.deadletter_topic.send(key=message.key, value=encode_event(letter))
+        DEAD_LETTERS.labels(message.topic, self.app.conf.id, error.error_type).inc()
         logger.warning(
             "Sent record to dead-letter topic: topic=%s partition=%d offset=%d error_type=%s "
             "reason=%s",
@@ -342,6 +377,7 @@ class Coordinator:
             if not duplicate:
                 request, rejection, verdict = self._admit_or_reject(request, flight)
                 span.set_attribute("slotforge.admission.decision", verdict)
+                _count_admission(request, verdict, rejected=rejection is not None)
                 if rejection is not None:
                     await self.rejected_topic.send(key=request.job_id.encode(),
                                                    value=encode_event(rejection),
@@ -359,6 +395,8 @@ class Coordinator:
             job = flight.jobs[request.job_id]
             cached += sum(1 for slot in job.slots if slot.cached) if job.running else 0
             span.set_attribute("slotforge.cache.slots", cached)
+            if not duplicate:
+                CACHE_LOOKUPS.labels("hit" if cached else "miss").inc()
             self._store(flight)
         if duplicate:
             logger.info("Job %s was already admitted; republishing its pending attempts",
@@ -771,6 +809,14 @@ class Coordinator:
             yield JobSweep(job_id=any_job, job_key=job_key, action="expire")
 
 
+def _count_admission(request: JobRequested, verdict: str, *, rejected: bool) -> None:
+    """Count one admission decision; ``verdict`` is the reason label (quota, overloaded, ...)."""
+    if rejected:
+        ADMISSION_DECISIONS.labels(request.tier.value, "rejected", verdict).inc()
+    else:
+        ADMISSION_DECISIONS.labels(request.tier.value, verdict, "none").inc()
+
+
 def _job_ids_from(value: bytes | None) -> tuple[str, str] | None:
     """Extract job and tenant ids from an invalid request, so the rejection can reach the client."""
     try:
@@ -789,6 +835,7 @@ def _job_ids_from(value: bytes | None) -> tuple[str, str] | None:
 def main() -> int:
     """Run the coordinator as a faust worker until SIGTERM or SIGINT."""
     settings = load_settings()
+    start_metrics_server(settings.metrics.port, settings.metrics.address)
     coordinator = Coordinator(settings)
     # faust spells the warning level "warn".
     loglevel = settings.log_level.lower().replace("warning", "warn")

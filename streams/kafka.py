@@ -14,6 +14,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from schemas.errors import EventDecodeError
 from schemas.events import DeadLetter, encode_event
 from streams.config import KafkaSettings
+from streams.metrics import DEAD_LETTERS
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ async def send_to_deadletter(
     )
     headers = [(key, value) for key, value in (record.headers or ()) if isinstance(value, bytes)]
     await producer.send_and_wait(topic, encode_event(letter), key=record.key, headers=headers)
+    DEAD_LETTERS.labels(record.topic, group_id, error_type).inc()
     logger.warning(
         "Sent record to dead-letter topic %s: topic=%s partition=%d offset=%d group=%s "
         "error_type=%s reason=%s",
@@ -141,22 +143,34 @@ async def send_to_deadletter(
 
 async def group_lag(settings: KafkaSettings, group_id: str, topic: str) -> int:
     """Return how many records of ``topic`` the group has not committed yet."""
+    lags = await group_partition_lags(settings, group_id, [topic])
+    return sum(lags.values())
+
+
+async def group_partition_lags(settings: KafkaSettings, group_id: str,
+                               topics: Sequence[str]) -> dict[TopicPartition, int]:
+    """Return, per partition of ``topics``, the records the group has not committed yet.
+
+    A partition the group never committed counts from offset 0, so a new group's backlog
+    shows as lag instead of hiding.
+    """
     admin = AIOKafkaAdminClient(**settings.client_options())
     consumer = AIOKafkaConsumer(**settings.client_options(), group_id=None)
     await admin.start()
     await consumer.start()
     try:
-        partitions = await topic_partitions(settings, topic)
+        partitions = [partition for topic in topics
+                      for partition in await topic_partitions(settings, topic)]
         if not partitions:
-            return 0
+            return {}
         ends = await consumer.end_offsets(partitions)
         committed = await admin.list_consumer_group_offsets(group_id, partitions=partitions)
-        lag = 0
+        lags: dict[TopicPartition, int] = {}
         for partition in partitions:
             done = committed.get(partition)
             position = done.offset if done is not None and done.offset >= 0 else 0
-            lag += max(0, ends[partition] - position)
-        return lag
+            lags[partition] = max(0, ends[partition] - position)
+        return lags
     finally:
         await consumer.stop()
         await admin.close()

@@ -50,6 +50,9 @@ class ProcessGroup:
     log_dir: Path
     base_env: dict[str, str]
     processes: list[ServiceProcess] = field(default_factory=list)
+    # Prometheus port by child name. A nonzero SLOTFORGE_METRICS__PORT in base_env is the
+    # first of consecutive ports, one per child, and a restarted child keeps its port.
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     def start(self, service: str, *, name: str | None = None,
               env: dict[str, str] | None = None) -> ServiceProcess:
@@ -61,7 +64,7 @@ class ProcessGroup:
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", SERVICES[service]],
-                env={**self.base_env, **(env or {})},
+                env={**self.base_env, **self._metrics_env(name), **(env or {})},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -71,6 +74,14 @@ class ProcessGroup:
         self.processes.append(child)
         logger.info("Started %s (pid %d), log %s", name, process.pid, log_path)
         return child
+
+    def _metrics_env(self, name: str) -> dict[str, str]:
+        base = int(self.base_env.get("SLOTFORGE_METRICS__PORT") or 0)
+        if base == 0:
+            return {}
+        port = self.metrics_ports.setdefault(name, base + len(self.metrics_ports))
+        logger.info("%s serves Prometheus metrics on port %d", name, port)
+        return {"SLOTFORGE_METRICS__PORT": str(port)}
 
     def stop(self, child: ServiceProcess, grace_s: float = 30.0) -> int | None:
         """Send SIGTERM, then SIGKILL after ``grace_s``; returns the exit status."""

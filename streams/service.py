@@ -15,6 +15,7 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from streams.config import Settings
+from streams.metrics import start_metrics_server
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +52,12 @@ async def _serve(name: str, main: ServiceMain, settings: Settings) -> None:
         loop.add_signal_handler(signum, on_signal, signum)
 
     logger.info("Starting %s (pid %d)", name, os.getpid())
+    metrics_server = start_metrics_server(settings.metrics.port, settings.metrics.address)
     try:
         await main(settings, stop)
     finally:
+        if metrics_server is not None:
+            metrics_server.close()
         logger.info("Stopped %s (pid %d)", name, os.getpid())
 
 

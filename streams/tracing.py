@@ -27,6 +27,7 @@ from opentelemetry.trace import Span, SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from streams.config import TracingSettings
+from streams.metrics import SPANS_DROPPED
 
 logger = logging.getLogger(__name__)
 
@@ -115,13 +116,17 @@ class QueueSpanExporter(SpanExporter):
                 row = span_to_row(span)
                 self.queue.put_nowait((row["TraceId"].encode(), json.dumps(row).encode()))
             except queue.Full:
-                self.dropped += 1
+                self.count_dropped()
                 if self.dropped == 1 or self.dropped % 1_000 == 0:
                     logger.warning("Span queue is full; dropped %d spans so far", self.dropped)
             except Exception:  # noqa: BLE001 - an exporter must never raise into the pipeline
-                self.dropped += 1
+                self.count_dropped()
                 logger.exception("Failed to encode span %s", span.name)
         return SpanExportResult.SUCCESS
+
+    def count_dropped(self) -> None:
+        self.dropped += 1
+        SPANS_DROPPED.inc()
 
     def shutdown(self) -> None:
         self._shutdown = True
@@ -159,7 +164,7 @@ class Tracing:
             try:
                 await producer.send(self.topic, value, key=key)
             except Exception:  # noqa: BLE001 - losing a span must not stop the pipeline
-                self.exporter.dropped += 1
+                self.exporter.count_dropped()
                 logger.exception("Failed to publish a span to %s", self.topic)
             sent += 1
         return sent
@@ -227,7 +232,12 @@ def stage_span(
         start_time=start_time_ns,
         attributes={STAGE_ATTRIBUTE: stage, **(attributes or {})},
     ) as span:
-        yield span
+        try:
+            yield span
+        except Exception as err:
+            # The SDK records the exception and the Error status; error.type is what SQL groups.
+            span.set_attribute("error.type", type(err).__qualname__)
+            raise
 
 
 def record_wait(

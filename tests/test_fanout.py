@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import statistics
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from infra.kafka_broker import free_port
 from schemas.events import GenerationParams, JobDelivered, JobRequested, decode_event
 from streams.client import SlotforgeClient
 from streams.config import Settings
+from streams.kafka import group_lag
 from streams.processes import ProcessGroup
 from tests.kafka_helpers import TopicReader
 
@@ -69,10 +72,10 @@ def _env(service_env: dict[str, str], url: str) -> dict[str, str]:
     }
 
 
-def _requests(count: int) -> list[JobRequested]:
+def _requests(count: int, first: int = 0) -> list[JobRequested]:
     return [JobRequested(tenant_id="acme", user_id=f"u{index}",
                          params=GenerationParams(model="M1", prompt=f"plan {index}", steps=5),
-                         slots=1) for index in range(count)]
+                         slots=1) for index in range(first, first + count)]
 
 
 def _start_pipeline(group: ProcessGroup) -> None:
@@ -130,3 +133,56 @@ async def test_failing_webhook_marks_delivery_failed(
     assert state.status == "delivery_failed"
     assert "HTTP 503" in state.reason
     assert receiver.posts[request.job_id] == 3
+
+
+async def _delivery_latencies(client: SlotforgeClient, delivered: TopicReader,
+                              requests: list[JobRequested]) -> list[float]:
+    """Submit ``requests`` 0.2 s apart and return each job's submit-to-delivered seconds."""
+    wanted = {request.job_id for request in requests}
+    before = len(delivered.records)
+    submitted_at: dict[str, float] = {}
+    for request in requests:
+        submitted_at[request.job_id] = time.time()
+        await client.submit(request)
+        await asyncio.sleep(0.2)
+    await delivered.wait_for(
+        lambda seen: wanted <= {decode_event(record.value, JobDelivered).job_id
+                                for record in seen[before:]},
+        timeout_s=180,
+    )
+    latencies = []
+    for record in delivered.records[before:]:
+        state = decode_event(record.value, JobDelivered)
+        if state.job_id in wanted:
+            latencies.append(record.timestamp / 1000 - submitted_at[state.job_id])
+    return latencies
+
+
+async def test_stopped_best_effort_consumer_keeps_latency(
+    settings: Settings, service_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**_env(service_env, "http://127.0.0.1:9/unused"),
+           "SLOTFORGE_CONSUMERS__CRITICAL": '["delivery"]',
+           "SLOTFORGE_WORKER__SIMULATION__P50_S": "0.05",
+           "SLOTFORGE_WORKER__SIMULATION__ACCEPTANCE": "0.95"}
+    group = ProcessGroup(tmp_path / "logs", env)
+    _start_pipeline(group)
+    thumbnails = group.start("thumbnails")
+    try:
+        async with SlotforgeClient(settings.kafka) as client, \
+                TopicReader(settings.kafka, settings.topics.jobs_delivered) as delivered:
+            await _delivery_latencies(client, delivered, _requests(20))
+            running = await _delivery_latencies(client, delivered, _requests(20, first=20))
+            assert await asyncio.to_thread(group.stop, thumbnails, 15) == 0
+            without_thumbnails = _requests(20, first=40)
+            stopped = await _delivery_latencies(client, delivered, without_thumbnails)
+        backlog = await group_lag(settings.kafka, settings.consumers.best_effort_group_id,
+                                  settings.topics.jobs_completed)
+    finally:
+        await asyncio.to_thread(group.stop_all, 15)
+
+    # The stopped consumer's work waits in Kafka while critical delivery goes on.
+    assert backlog >= len(without_thumbnails)
+    assert len(stopped) == len(without_thumbnails)
+    # Noise allowance for a shared 2-core machine: half again plus half a second.
+    assert statistics.median(stopped) <= 1.5 * statistics.median(running) + 0.5

@@ -6,15 +6,21 @@ import asyncio
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from infra.kafka_broker import free_port
+from schemas.events import GenerationParams, JobRequested
 from streams import metrics
+from streams.client import SlotforgeClient
 from streams.config import Settings
 from streams.kafka import make_consumer, make_producer, topic_partitions
 from streams.metrics import MetricsServer, lag_routine, start_metrics_server
+from streams.processes import ProcessGroup
+from tests.kafka_helpers import TopicReader, produce
 
 METRIC_NAMES = {
     "slotforge_consumer_lag_records",
@@ -134,3 +140,90 @@ async def test_lag_routine_reports_partition_lag(
     assert not [sample for sample in scrape(server.port)
                 if sample[0] == "slotforge_consumer_lag_records"
                 and ("group", group) in sample[1]]
+
+
+def _value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
+           **labels: str) -> float | None:
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+async def _scrape_until(port: int, check: Any, timeout_s: float = 60.0
+                        ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Scrape ``port`` until ``check(samples)`` is true; the endpoint may not be up yet."""
+    deadline = time.monotonic() + timeout_s
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    while time.monotonic() < deadline:
+        try:
+            samples = await asyncio.to_thread(scrape, port)
+        except OSError:
+            samples = {}
+        if samples and check(samples):
+            return samples
+        await asyncio.sleep(0.5)
+    return samples
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+async def test_services_serve_metrics(
+    settings: Settings, service_env: dict[str, str], tmp_path: Path
+) -> None:
+    base_port = free_port()
+    group = ProcessGroup(tmp_path / "logs", {
+        **service_env,
+        "SLOTFORGE_METRICS__PORT": str(base_port),
+        "SLOTFORGE_METRICS__LAG_INTERVAL_S": "0.5",
+        "SLOTFORGE_WORKER__SIMULATION__ENABLED": "true",
+        "SLOTFORGE_WORKER__SIMULATION__P50_S": "0.05",
+        "SLOTFORGE_WORKER__SIMULATION__ACCEPTANCE": "0.9",
+        "SLOTFORGE_WORKER__SLOTS": "2",
+        "SLOTFORGE_TRACING__ENABLED": "false",
+    })
+    coordinator = group.start("coordinator")
+    worker = group.start("gpu-worker", name="gpu-1", env={"SLOTFORGE_WORKER__WORKER_ID": "gpu-1"})
+    group.start("postprocess")
+    delivery = group.start("delivery")
+    requests = [JobRequested(tenant_id="acme", user_id=f"u{index}",
+                             params=GenerationParams(model="M1", prompt=f"plan {index}",
+                                                     steps=5), slots=1)
+                for index in range(5)]
+    try:
+        async with SlotforgeClient(settings.kafka) as client, \
+                TopicReader(settings.kafka, settings.topics.jobs_delivered) as delivered:
+            for request in requests:
+                await client.submit(request)
+            await delivered.wait_for(lambda seen: len(seen) >= len(requests), timeout_s=180)
+        await produce(settings.kafka, settings.topics.jobs_completed, b"{not json",
+                      key=b"bad-record")
+
+        coordinator_port = group.metrics_ports[coordinator.name]
+        admitted = await _scrape_until(coordinator_port, lambda samples: (_value(
+            samples, "slotforge_admission_decisions_total", tier="standard",
+            decision="admitted", reason="none") or 0) >= len(requests))
+        worker_samples = await _scrape_until(
+            group.metrics_ports[worker.name],
+            lambda samples: _value(samples, "slotforge_worker_slot_utilization_ratio",
+                                   pool=settings.worker.group_id) is not None)
+        delivery_group = settings.consumers.critical_group_id
+        delivery_samples = await _scrape_until(
+            group.metrics_ports[delivery.name],
+            lambda samples: _value(samples, "slotforge_dead_letters_total",
+                                   topic=settings.topics.jobs_completed, group=delivery_group,
+                                   error_type="json") == 1)
+    finally:
+        await asyncio.to_thread(group.stop_all, 15)
+
+    assert len(set(group.metrics_ports.values())) == 4
+    assert _value(admitted, "slotforge_admission_decisions_total", tier="standard",
+                  decision="admitted", reason="none") == len(requests)
+    assert _value(admitted, "slotforge_cache_lookups_total", result="miss") == len(requests)
+    coordinator_group = settings.kafka.topic_prefix + settings.coordinator.app_id
+    assert any(name == "slotforge_consumer_lag_records" and ("group", coordinator_group) in labels
+               for (name, labels) in admitted)
+    assert _value(worker_samples, "slotforge_attempts_in_flight",
+                  pool=settings.worker.group_id) is not None
+    assert _value(delivery_samples, "slotforge_dead_letters_total",
+                  topic=settings.topics.jobs_completed, group=delivery_group,
+                  error_type="json") == 1
+    assert any(name == "slotforge_consumer_lag_records" and ("group", delivery_group) in labels
+               for (name, labels) in delivery_samples)

@@ -136,7 +136,7 @@ async def test_worker_runs_attempts_end_to_end(settings: Settings) -> None:
             found = set()
             for record in seen:
                 row = json.loads(record.value)
-                found.add((row["SpanAttributes"].get("slotforge.attempt_id"), row["SpanName"]))
+                found.add((row["SpanAttributes"].get("slotforge.attempt.id"), row["SpanName"]))
             return wanted <= found
 
         await spans.wait_for(all_spans_seen, timeout_s=60)
@@ -184,7 +184,7 @@ async def test_worker_runs_attempts_end_to_end(settings: Settings) -> None:
         mine = {
             row["SpanName"]: row
             for row in rows
-            if row["SpanAttributes"].get("slotforge.attempt_id") == attempt.attempt_id
+            if row["SpanAttributes"].get("slotforge.attempt.id") == attempt.attempt_id
         }
         assert set(mine) == {"queue_wait", "generation"}
         for row in mine.values():
@@ -197,10 +197,10 @@ async def test_worker_runs_attempts_end_to_end(settings: Settings) -> None:
         generation = mine["generation"]["SpanAttributes"]
         assert generation["slotforge.stage"] == "generation"
         assert generation["gen_ai.request.model"] == "M0012"
-        assert generation["slotforge.job_id"] == attempt.job_id
+        assert generation["slotforge.job.id"] == attempt.job_id
         assert generation["slotforge.steps"] == "3"
         assert float(generation["slotforge.gpu_s"]) > 0
-        assert generation["slotforge.worker_id"]
+        assert generation["slotforge.worker.id"]
 
 
 async def test_garbage_goes_to_deadletter_and_next_runs(settings: Settings) -> None:
