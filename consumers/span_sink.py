@@ -12,6 +12,7 @@ process owns the data directory while it runs.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 import time
@@ -52,6 +53,8 @@ MAX_RETRY_DELAY_S = 30.0
 POLL_TIMEOUT_S = 0.5
 # On stop, how long to keep retrying the last batch before leaving it in Kafka.
 SHUTDOWN_FLUSH_TIMEOUT_S = 15.0
+# Allocations between first-generation collections while the sink runs (Python's default: 700).
+GC_FIRST_THRESHOLD = 50_000
 
 _T = TypeVar("_T")
 
@@ -549,8 +552,21 @@ class SpanSink:
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
-    """Run the span sink until ``stop`` is set."""
-    await SpanSink(settings).run(stop)
+    """Run the span sink until ``stop`` is set.
+
+    Raises the process's first garbage-collection threshold while it runs. A batch keeps
+    thousands of decoded rows alive, and with the default threshold (700 allocations) the
+    collector rescans them so often that it halved the insert rate. Decoding, pivoting and
+    inserting 40,000 synthetic spans into chDB ran at 10,900 rows/s with the default and
+    24,000 rows/s with this one, on a loaded 2-CPU machine. The rows hold no reference
+    cycles, so reference counting frees them.
+    """
+    previous = gc.get_threshold()
+    gc.set_threshold(GC_FIRST_THRESHOLD, *previous[1:])
+    try:
+        await SpanSink(settings).run(stop)
+    finally:
+        gc.set_threshold(*previous)
 
 
 def main() -> int:
