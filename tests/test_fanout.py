@@ -18,6 +18,7 @@ from streams.client import SlotforgeClient
 from streams.config import Settings
 from streams.kafka import group_lag
 from streams.processes import ProcessGroup
+from streams.replay import ReplayOptions, replay
 from tests.kafka_helpers import TopicReader
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -186,3 +187,48 @@ async def test_stopped_best_effort_consumer_keeps_latency(
     assert len(stopped) == len(without_thumbnails)
     # Noise allowance for a shared 2-core machine: half again plus half a second.
     assert statistics.median(stopped) <= 1.5 * statistics.median(running) + 0.5
+
+
+async def test_replayed_completions_apply_once(
+    settings: Settings, service_env: dict[str, str], tmp_path: Path, receiver: WebhookReceiver
+) -> None:
+    group = ProcessGroup(tmp_path / "logs", _env(service_env, receiver.url))
+    _start_pipeline(group)
+    group.start("webhook")
+    requests = _requests(10)
+    job_ids = sorted(request.job_id for request in requests)
+    try:
+        async with SlotforgeClient(settings.kafka) as client, \
+                TopicReader(settings.kafka, settings.topics.jobs_delivered) as delivered:
+            for request in requests:
+                await client.submit(request)
+            await delivered.wait_for(lambda seen: len(seen) >= len(requests), timeout_s=180)
+            written = {path.stem: path.stat().st_mtime_ns
+                       for path in settings.delivery_dir.glob("*.json")}
+
+            summary = await replay(settings, ReplayOptions(
+                source=settings.topics.jobs_completed, target=settings.topics.jobs_completed))
+            assert summary.sent == len(requests)
+            consumer_groups = (settings.consumers.critical_group_id,
+                               settings.consumers.webhook_group_id)
+            deadline = time.monotonic() + 120
+            for group_id in consumer_groups:
+                while await group_lag(settings.kafka, group_id, settings.topics.jobs_completed):
+                    assert time.monotonic() < deadline, f"group {group_id} kept a lag"
+                    await asyncio.sleep(0.5)
+            # Give the coordinator time to republish a delivered state, which it must not.
+            await asyncio.sleep(3)
+            await delivered.poll()
+    finally:
+        await asyncio.to_thread(group.stop_all, 15)
+
+    states = [decode_event(record.value, JobDelivered) for record in delivered.records]
+    assert sorted(state.job_id for state in states) == job_ids
+    assert sorted(receiver.applied) == job_ids
+    # The webhook consumer sent each replayed job again, and the Idempotency-Key kept the
+    # receiver from applying it twice.
+    assert all(receiver.posts[job_id] == 2 for job_id in job_ids)
+    # The delivery consumer skipped the replayed jobs instead of writing their manifests again.
+    assert sorted(written) == job_ids
+    assert {path.stem: path.stat().st_mtime_ns
+            for path in settings.delivery_dir.glob("*.json")} == written
