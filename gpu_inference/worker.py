@@ -32,6 +32,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaError
 from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, StatusCode
 
 from gpu_inference.artifacts import ArtifactStore
@@ -90,6 +91,8 @@ class _Attempt:
     cancel_retriable: bool = False
     # Attempts in the pipeline call that ran this one, itself included.
     batch_size: int = 1
+    # Context of the attempt's generation span, for child spans opened on slot threads.
+    generation_context: otel_context.Context | None = None
 
     def request_cancel(self, reason: str, *, error_type: str, retriable: bool) -> None:
         """Set the cancel flag; the first request wins, later ones are ignored."""
@@ -416,6 +419,9 @@ class GpuWorker:
                 "slotforge.tier": event.tier.value,
                 "slotforge.job.id": event.job_id,
                 "slotforge.attempt.id": event.attempt_id,
+                "slotforge.worker.id": self.worker_id,
+                # The attempts sharing this worker once this one starts, this one included.
+                "slotforge.pool.concurrency": len(self._running) + 1,
             },
         )
 
@@ -465,6 +471,7 @@ class GpuWorker:
                     "slotforge.tier": event.tier.value,
                 },
             ) as span:
+                attempt.generation_context = trace.set_span_in_context(span)
                 headers = inject_headers(span)
                 await self._claim_and_run(attempt, span, headers)
         except KafkaError:
@@ -484,7 +491,16 @@ class GpuWorker:
     async def _claim_and_run(self, attempt: _Attempt, span: Span, headers: Headers) -> None:
         event = attempt.event
         if event.deadline_at > utc_now():
-            decision = await self._claim(attempt, event.deadline_at.timestamp())
+            with stage_span(self.tracing.tracer, "claim", "claim",
+                            parent=attempt.generation_context, attributes={
+                "slotforge.job.id": event.job_id,
+                "slotforge.attempt.id": event.attempt_id,
+                "slotforge.worker.id": self.worker_id,
+                "slotforge.attempt.epoch": event.epoch,
+            }) as claim_span:
+                decision = await self._claim(attempt, event.deadline_at.timestamp())
+                claim_span.set_attribute("slotforge.claim.granted",
+                                         decision is not None and decision.granted)
             if decision is None or not decision.granted:
                 reason = decision.reason if decision is not None else "no claim decision"
                 logger.info("Not running attempt %s (epoch %d) of job %s: %s",
@@ -656,7 +672,13 @@ class GpuWorker:
             )
 
         try:
-            uri = self.store.write_png(event.job_id, event.attempt_id, result.image)
+            with stage_span(self.tracing.tracer, "upload", "upload",
+                            parent=attempt.generation_context, attributes={
+                "slotforge.job.id": event.job_id,
+                "slotforge.attempt.id": event.attempt_id,
+                "slotforge.worker.id": self.worker_id,
+            }):
+                uri = self.store.write_png(event.job_id, event.attempt_id, result.image)
         except Exception as err:  # noqa: BLE001 - a storage failure ends the attempt
             logger.exception(
                 "Failed to store the image of attempt %s of job %s", event.attempt_id, event.job_id

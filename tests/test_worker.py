@@ -130,7 +130,7 @@ async def test_worker_runs_attempts_end_to_end(settings: Settings) -> None:
             await generated.wait_for(lambda seen: len(seen) >= 3, timeout_s=30)
         # The worker flushes its spans before it returns; model loads add spans of their own.
         wanted = {(attempt.attempt_id, name) for attempt in attempts
-                  for name in ("queue_wait", "generation")}
+                  for name in ("queue_wait", "claim", "generation", "upload")}
 
         def all_spans_seen(seen: Records) -> bool:
             found = set()
@@ -186,14 +186,23 @@ async def test_worker_runs_attempts_end_to_end(settings: Settings) -> None:
             for row in rows
             if row["SpanAttributes"].get("slotforge.attempt.id") == attempt.attempt_id
         }
-        assert set(mine) == {"queue_wait", "generation"}
+        assert set(mine) == {"queue_wait", "claim", "generation", "upload"}
         for row in mine.values():
             assert row["TraceId"] == TRACE_ID
-            assert row["ParentSpanId"] == PARENT_SPAN_ID
             assert row["ServiceName"] == "gpu-worker"
+        for name in ("queue_wait", "generation"):
+            assert mine[name]["ParentSpanId"] == PARENT_SPAN_ID
+        # Claim and upload happen inside the attempt's generation span.
+        for name in ("claim", "upload"):
+            assert mine[name]["ParentSpanId"] == mine["generation"]["SpanId"]
+            assert mine[name]["SpanAttributes"]["slotforge.stage"] == name
+        assert mine["claim"]["SpanAttributes"]["slotforge.claim.granted"] == "True"
         wait = mine["queue_wait"]["SpanAttributes"]
         assert wait["slotforge.stage"] == "queue_wait"
         assert wait["slotforge.tier"] == attempt.tier.value
+        assert wait["slotforge.worker.id"] == mine["generation"]["SpanAttributes"][
+            "slotforge.worker.id"]
+        assert 1 <= int(wait["slotforge.pool.concurrency"]) <= settings.worker.slots
         generation = mine["generation"]["SpanAttributes"]
         assert generation["slotforge.stage"] == "generation"
         assert generation["gen_ai.request.model"] == "M0012"
