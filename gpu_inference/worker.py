@@ -317,12 +317,23 @@ class GpuWorker:
         status = WorkerStatus(
             worker_id=self.worker_id, slots=self.slots, busy=len(self._running),
             warm_models=list(warm()) if callable(warm) else [], stopping=stopping,
+            partitions={} if stopping else self._assigned_partitions(),
         )
         try:
             await self.producer.send(self.topics.worker_status, encode_event(status),
                                      key=self.worker_id.encode())
         except KafkaError:
             logger.warning("Failed to publish the status of worker %s", self.worker_id)
+
+    def _assigned_partitions(self) -> dict[Tier, list[int]]:
+        """Partitions of each tier's attempts topic that the consumer group assigned here."""
+        tiers = {self.topics.attempts(tier): tier for tier in Tier}
+        partitions: dict[Tier, list[int]] = {}
+        for assigned in self.fetcher.consumer.assignment():
+            tier = tiers.get(assigned.topic)
+            if tier is not None:
+                partitions.setdefault(tier, []).append(assigned.partition)
+        return {tier: sorted(numbers) for tier, numbers in partitions.items()}
 
     async def _claim(self, attempt: _Attempt, stop_at: float) -> ClaimDecision | None:
         """Claim the attempt and wait for the decision, asking again if none arrives in time.

@@ -105,6 +105,9 @@ class CoordinatorSettings(BaseModel):
     lag_check_interval_s: float = Field(default=2.0, gt=0)
     # Seconds between sweeps that look for jobs past their deadline.
     sweep_interval_s: float = Field(default=1.0, gt=0)
+    # Route first attempts to a partition of the worker that model affinity picks; off, the
+    # default partitioner spreads them by key.
+    affinity_routing: bool = True
     retention_s: float = Field(default=3_600.0, ge=0)
 
 
