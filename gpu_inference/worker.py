@@ -123,6 +123,7 @@ def build_runner(settings: Settings) -> Any:
         memory_budget_mb=settings.worker.memory_budget_mb,
         cuda_memory_fraction=settings.worker.cuda_memory_fraction,
         cpu_dtype=dtype_named(settings.worker.cpu_dtype),
+        adapter_dir=settings.worker.adapter_dir,
     )
 
 

@@ -131,6 +131,10 @@ class WorkerSettings(BaseModel):
     worker_id: str | None = None
     slots: int = Field(default=2, ge=1, le=256)
     model_path: str | None = None
+    # Folder of LoRA adapters, one ``<adapter id>/adapter.safetensors`` each. Without it the
+    # random-weight pipeline gets random adapters seeded from their ids, and a pipeline
+    # loaded from ``model_path`` rejects requests that name adapters.
+    adapter_dir: Path | None = None
     device: str = "auto"
     # Emit one progress heartbeat every N denoising steps.
     progress_every_steps: int = Field(default=1, ge=1)
