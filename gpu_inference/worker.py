@@ -8,7 +8,9 @@ topic, which it follows from every partition; a cancellation there stops the att
 its next denoising step. Claimed attempts that can share one pipeline call (see
 ``gpu_inference.batching``) run as a batch of up to ``max_batch_size``, waiting at most
 ``max_batch_wait_ms`` for others. Progress, cancellation and failures stay per attempt.
-Every second it reports its busy slots on the status topic.
+Every second it reports on the status topic its busy slots, its warm models and adapters,
+and the partitions of the attempts topics assigned to it, so the coordinator can route
+attempts to it.
 A succeeded attempt also goes to the generated topic for post-processing. Offsets are
 committed only up to the oldest attempt that has not finished.
 
