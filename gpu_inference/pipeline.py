@@ -431,8 +431,8 @@ class DiffusersRunner:
         self.registry.tracer = tracer
 
     def warm_models(self) -> list[str]:
-        """Model and adapter ids loaded in this process."""
-        return sorted(self.registry.models())
+        """Model and adapter ids loaded in this process, least recently used first."""
+        return self.registry.models()
 
     def max_batch_size(self, request: GenerationRequest, requested: int) -> int:
         """Cap a batch size so its samples fit beside the loaded models in the budget."""

@@ -74,6 +74,9 @@ logger = logging.getLogger(__name__)
 STOP_GRACE_S = 30.0
 
 _MAX_ERROR_CHARS = 2_000
+# WorkerStatus accepts at most this many warm ids; a worker with more reports the most
+# recently used ones.
+MAX_WARM_REPORTED = 256
 MAX_REMEMBERED_CANCELS = 50_000
 
 
@@ -319,7 +322,8 @@ class GpuWorker:
         warm = getattr(self.runner, "warm_models", None)
         status = WorkerStatus(
             worker_id=self.worker_id, slots=self.slots, busy=len(self._running),
-            warm_models=list(warm()) if callable(warm) else [], stopping=stopping,
+            warm_models=list(warm())[-MAX_WARM_REPORTED:] if callable(warm) else [],
+            stopping=stopping,
             partitions={} if stopping else self._assigned_partitions(),
         )
         try:
