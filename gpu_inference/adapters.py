@@ -161,6 +161,25 @@ def save_adapter(adapter: LoraAdapter, adapter_dir: Path) -> Path:
     return path
 
 
+def _check_fits(adapter: LoraAdapter, modules: dict[str, torch.nn.Module]) -> None:
+    """Raise PermanentError unless every layer of the adapter matches a module's weight."""
+    for name in sorted(adapter.layers):
+        module = modules.get(name)
+        if module is None:
+            raise PermanentError(
+                f"adapter {adapter.adapter_id!r} does not fit this pipeline: it has no "
+                f"module {name}", adapter=adapter.adapter_id)
+        layer = adapter.layers[name]
+        expected = module.weight.numel()
+        found = layer.up.flatten(1).shape[0] * layer.down.flatten(1).shape[1]
+        if layer.up.flatten(1).shape[1] != layer.down.shape[0] or found != expected:
+            raise PermanentError(
+                f"adapter {adapter.adapter_id!r} does not fit this pipeline: its update of "
+                f"{name} has shape {tuple(layer.up.shape)} x {tuple(layer.down.shape)}, "
+                f"but the weight has shape {tuple(module.weight.shape)}",
+                adapter=adapter.adapter_id)
+
+
 class PipelineAdapters:
     """The adapter set merged into one pipeline's weights; thread-safe.
 
@@ -199,17 +218,18 @@ class PipelineAdapters:
     def _merge(self, adapters: Sequence[LoraAdapter]) -> None:
         modules = dict(_adaptable_modules(self.pipe))
         for adapter in adapters:
-            missing = sorted(set(adapter.layers) - set(modules))
-            if missing:
-                raise PermanentError(
-                    f"adapter {adapter.adapter_id!r} does not fit this pipeline: it has no "
-                    f"module {missing[0]} ({len(missing)} missing)", adapter=adapter.adapter_id)
-        for adapter in adapters:
-            for name, layer in adapter.layers.items():
-                weight = modules[name].weight
-                if name not in self._originals:
-                    self._originals[name] = weight.detach().clone()
-                weight.add_(layer.delta(weight))
+            _check_fits(adapter, modules)
+        try:
+            for adapter in adapters:
+                for name, layer in adapter.layers.items():
+                    weight = modules[name].weight
+                    if name not in self._originals:
+                        self._originals[name] = weight.detach().clone()
+                    weight.add_(layer.delta(weight))
+        except BaseException:
+            # A half-merged set must not serve the next batch, whatever set it asks for.
+            self._restore()
+            raise
         if adapters:
             logger.info("Merged adapters %s into %d layers", ", ".join(
                 adapter.adapter_id for adapter in adapters), len(self._originals))

@@ -172,6 +172,24 @@ def test_adapter_for_other_model_rejected(adapter_dir: Path) -> None:
     assert state.active == ()
 
 
+def test_adapter_with_wrong_shape_rejected(adapter_dir: Path) -> None:
+    pipe = build_random_pipeline("M1", 32, 32)
+    good = load_adapter(adapter_dir, "style-a")
+    name = sorted(good.layers)[-1]
+    # The last layer's update has the wrong input size, so the check runs before any merge.
+    wrong = LoraAdapter("wrong", {**good.layers, name: LoraLayer(
+        torch.zeros(4, 7), torch.zeros(good.layers[name].up.shape[0], 4), 1.0)})
+    before = {key: value.clone() for key, value in pipe.unet.state_dict().items()}
+    state = PipelineAdapters(pipe)
+
+    with pytest.raises(PermanentError, match="weight has shape"):
+        with state.activate([wrong]):
+            pass
+
+    after = pipe.unet.state_dict()
+    assert all(torch.equal(before[key], after[key]) for key in before)
+
+
 def test_adapter_file_without_up_matrix_rejected(tmp_path: Path) -> None:
     path = adapter_path(tmp_path, "half")
     path.parent.mkdir(parents=True)
