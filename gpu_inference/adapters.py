@@ -198,14 +198,14 @@ class PipelineAdapters:
     @contextmanager
     def activate(self, adapters: Sequence[LoraAdapter]) -> Iterator[None]:
         """Hold the pipeline with exactly ``adapters`` merged, in their order, meanwhile."""
-        wanted = tuple(adapter.adapter_id for adapter in adapters)
+        requested = tuple(adapter.adapter_id for adapter in adapters)
         with self._changed:
-            while self.active != wanted and self._users > 0:
+            while self.active != requested and self._users > 0:
                 self._changed.wait()
-            if self.active != wanted:
+            if self.active != requested:
                 self._restore()
                 self._merge(adapters)
-                self.active = wanted
+                self.active = requested
             self._users += 1
         try:
             yield
@@ -227,7 +227,7 @@ class PipelineAdapters:
                         self._originals[name] = weight.detach().clone()
                     weight.add_(layer.delta(weight))
         except BaseException:
-            # A half-merged set must not serve the next batch, whatever set it asks for.
+            # A half-merged set must not serve the next batch, whatever set it requests.
             self._restore()
             raise
         if adapters:
