@@ -35,6 +35,8 @@ class GenerationRequest:
     seed: int
     negative_prompt: str = ""
     guidance_scale: float = 7.5
+    # LoRA adapter ids, merged into the model's weights in this order.
+    loras: tuple[str, ...] = ()
 
     @classmethod
     def from_params(cls, params: GenerationParams, seed: int) -> GenerationRequest:
@@ -47,6 +49,7 @@ class GenerationRequest:
             height=params.height,
             guidance_scale=params.guidance_scale,
             seed=seed,
+            loras=tuple(params.loras),
         )
 
 

@@ -3,8 +3,10 @@
 With a configured model path the runner loads that pipeline on first use (float16 on CUDA).
 Without one it builds a small random-weight ``UNet2DModel`` with a DDIM scheduler, seeded from
 the model id so that every worker builds the same weights for the same id. Loaded pipelines
-live in the worker's model registry. Only this module and its helpers ``memory`` and
-``registry`` import torch, and only this one imports diffusers.
+live in the worker's model registry, beside the LoRA adapters that requests name, which are
+merged into a pipeline's weights while a batch that names them runs (see ``adapters``). Only
+this module and its helpers ``adapters``, ``memory`` and ``registry`` import torch, and only
+this one imports diffusers.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +37,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from PIL import Image
 
+from gpu_inference.adapters import LoraAdapter, PipelineAdapters, load_adapter, random_adapter
 from gpu_inference.generation import (
     GenerationCancelled,
     GenerationRequest,
@@ -402,8 +408,10 @@ class DiffusersRunner:
         eta: float = 0.0,
         cpu_dtype: torch.dtype = torch.float64,
         tracer: trace.Tracer | None = None,
+        adapter_dir: Path | None = None,
     ) -> None:
         self.model_path = model_path
+        self.adapter_dir = adapter_dir
         self.cpu_dtype = cpu_dtype
         self.device = resolve_device(device)
         self.eta = eta
@@ -411,6 +419,10 @@ class DiffusersRunner:
             self.device, memory_budget_mb, cuda_memory_fraction
         )
         self.registry = ModelRegistry(self.memory_budget_bytes, tracer)
+        # Adapter state of each loaded pipeline; it goes when the registry drops the pipeline.
+        self._adapters: weakref.WeakKeyDictionary[Any, PipelineAdapters] = (
+            weakref.WeakKeyDictionary())
+        self._adapters_lock = threading.Lock()
         # Fault-injection hook before every denoising step; see StepHook.
         self.before_step: StepHook | None = None
 
@@ -419,8 +431,8 @@ class DiffusersRunner:
         self.registry.tracer = tracer
 
     def warm_models(self) -> list[str]:
-        """Model ids whose pipelines are loaded in this process."""
-        return sorted(self.registry.models())
+        """Model and adapter ids loaded in this process, least recently used first."""
+        return self.registry.models()
 
     def max_batch_size(self, request: GenerationRequest, requested: int) -> int:
         """Cap a batch size so its samples fit beside the loaded models in the budget."""
@@ -522,18 +534,49 @@ class DiffusersRunner:
             item.on_done(outcome)
         return outcomes
 
+    def _adapter_loader(self, pipe: Any, adapter_id: str) -> Callable[[], LoraAdapter]:
+        """Return the loader of an adapter: its file, or random weights for the random model."""
+        adapter_dir = self.adapter_dir
+        if adapter_dir is not None:
+            return lambda: load_adapter(adapter_dir, adapter_id)
+        if self.model_path is None:
+            return lambda: random_adapter(pipe, adapter_id)
+        raise PermanentError(
+            f"adapter {adapter_id!r} requested, but no adapter folder is configured for "
+            f"the model at {self.model_path}; set SLOTFORGE_WORKER__ADAPTER_DIR",
+            adapter=adapter_id,
+        )
+
+    def _pipeline_adapters(self, pipe: Any) -> PipelineAdapters:
+        with self._adapters_lock:
+            state = self._adapters.get(pipe)
+            if state is None:
+                state = self._adapters[pipe] = PipelineAdapters(pipe)
+            return state
+
     def _load_and_run(
         self, items: list[BatchItem], parent: otel_context.Context | None
     ) -> list[BatchOutcome]:
+        request = items[0].request
         try:
-            key, load = self._pipeline_source(items[0].request)
+            key, load = self._pipeline_source(request)
         except PermanentError as err:
             return [err for _ in items]
         try:
-            with self.registry.use(key, load, parent) as pipe:
+            with ExitStack() as held:
+                pipe = held.enter_context(self.registry.use(key, load, parent))
+                # Adapters stay pinned in the registry while the batch runs with them merged.
+                adapters = [
+                    held.enter_context(self.registry.use(
+                        adapter_id, self._adapter_loader(pipe, adapter_id), parent,
+                        kind="adapter"))
+                    for adapter_id in request.loras
+                ]
+                held.enter_context(self._pipeline_adapters(pipe).activate(adapters))
                 return self._run_splitting(pipe, items)
         except Exception as err:  # noqa: BLE001 - a failed load ends every item of the batch
-            logger.exception("Failed to load model %s for a batch of %d", key, len(items))
+            logger.exception("Failed to load model %s with adapters [%s] for a batch of %d",
+                             key, ", ".join(request.loras), len(items))
             return [err for _ in items]
 
     def _run_splitting(self, pipe: DiffusionPipeline, items: list[BatchItem]) -> list[BatchOutcome]:

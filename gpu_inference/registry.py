@@ -1,10 +1,12 @@
-"""Per-worker model registry: pipelines loaded on first use, kept warm in a memory-bounded LRU.
+"""Per-worker model registry: pipelines and adapters loaded on first use, kept warm in a
+memory-bounded LRU.
 
-A pipeline's size is the bytes of its modules' parameters and buffers. Loading a model that
-does not fit evicts the least recently used idle ones first. Pipelines in use by a running
-batch are never evicted, so the budget can be exceeded while they finish. Loads and
-evictions are logged and traced as spans of their own (stages ``model_load`` and
-``model_evict``), so load time is not counted as generation time.
+A pipeline's size is the bytes of its modules' parameters and buffers; an adapter reports its
+own. Loading an entry that does not fit evicts the least recently used idle ones first, of
+either kind. Entries in use by a running batch are never evicted, so the budget can be
+exceeded while they finish. Loads and evictions are logged and traced as spans of their own
+(stages ``model_load`` and ``model_evict``, or ``adapter_load`` and ``adapter_evict``), so
+load time is not counted as generation time.
 """
 
 from __future__ import annotations
@@ -31,7 +33,13 @@ MIB = 1024 * 1024
 
 
 def pipeline_bytes(pipe: Any) -> int:
-    """Sum the parameter and buffer bytes of every torch module among the pipeline's parts."""
+    """Sum the parameter and buffer bytes of every torch module among the pipeline's parts.
+
+    An object with a ``size_bytes()`` method, such as an adapter, reports its own size.
+    """
+    size_bytes = getattr(pipe, "size_bytes", None)
+    if callable(size_bytes):
+        return int(size_bytes())
     components = getattr(pipe, "components", None)
     modules = components.values() if isinstance(components, dict) else [pipe]
     total = 0
@@ -47,7 +55,13 @@ def pipeline_bytes(pipe: Any) -> int:
 class _Entry:
     pipeline: Any
     size_bytes: int
+    # "model" or "adapter": names the spans and log lines of the entry.
+    kind: str = "model"
     users: int = 0
+
+
+# Span attribute that names the entry, by kind.
+_ID_ATTRIBUTE = {"model": "gen_ai.request.model", "adapter": "slotforge.adapter_id"}
 
 
 class ModelRegistry:
@@ -75,7 +89,7 @@ class ModelRegistry:
         self._lock = threading.RLock()
 
     def models(self) -> list[str]:
-        """Keys of the loaded pipelines, least recently used first."""
+        """Keys of the loaded pipelines and adapters, least recently used first."""
         with self._lock:
             return list(self._entries)
 
@@ -89,12 +103,19 @@ class ModelRegistry:
         key: str,
         load: Callable[[], Any],
         parent: otel_context.Context | None = None,
+        kind: str = "model",
     ) -> Iterator[Any]:
-        """Yield the pipeline for ``key``, loading it first if needed; it stays pinned meanwhile."""
+        """Yield the entry for ``key``, loading it first if needed; it stays pinned meanwhile.
+
+        ``kind`` is ``model`` or ``adapter`` and names the load and eviction spans.
+        """
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
-                entry = self._load(key, load, parent)
+                entry = self._load(key, load, parent, kind)
+            elif entry.kind != kind:
+                raise ValueError(f"registry key {key!r} is loaded as a {entry.kind}, not as "
+                                 f"a {kind}; model and adapter ids must differ")
             self._entries.move_to_end(key)
             entry.users += 1
         try:
@@ -117,13 +138,14 @@ class ModelRegistry:
         return sum(self._known_bytes.values()) // len(self._known_bytes)
 
     def _load(
-        self, key: str, load: Callable[[], Any], parent: otel_context.Context | None
+        self, key: str, load: Callable[[], Any], parent: otel_context.Context | None,
+        kind: str,
     ) -> _Entry:
         # Evicting first frees device memory for the load; the size is an estimate until then.
         self._evict_for(self._expected_bytes(key), parent)
         with stage_span(
-            self.tracer, "model_load", "model_load", parent=parent,
-            attributes={"gen_ai.request.model": key},
+            self.tracer, f"{kind}_load", f"{kind}_load", parent=parent,
+            attributes={_ID_ATTRIBUTE[kind]: key},
         ) as span:
             started = time.perf_counter()
             pipeline = load()
@@ -131,10 +153,11 @@ class ModelRegistry:
             span.set_attribute("slotforge.model_bytes", size_bytes)
         self._known_bytes[key] = size_bytes
         self._evict_for(size_bytes, parent)
-        entry = _Entry(pipeline=pipeline, size_bytes=size_bytes)
+        entry = _Entry(pipeline=pipeline, size_bytes=size_bytes, kind=kind)
         self._entries[key] = entry
         logger.info(
-            "Loaded model %s (%.1f MiB) in %.2f s; %d models warm, %.1f of %.1f MiB used",
+            "Loaded %s %s (%.1f MiB) in %.2f s; %d entries warm, %.1f of %.1f MiB used",
+            kind,
             key,
             size_bytes / MIB,
             time.perf_counter() - started,
@@ -162,9 +185,10 @@ class ModelRegistry:
 
     def _evict(self, key: str, parent: otel_context.Context | None) -> None:
         entry = self._entries.pop(key)
+        kind = entry.kind
         with stage_span(
-            self.tracer, "model_evict", "model_evict", parent=parent,
-            attributes={"gen_ai.request.model": key, "slotforge.model_bytes": entry.size_bytes},
+            self.tracer, f"{kind}_evict", f"{kind}_evict", parent=parent,
+            attributes={_ID_ATTRIBUTE[kind]: key, "slotforge.model_bytes": entry.size_bytes},
         ):
             if self.on_evict is not None:
                 self.on_evict(entry.pipeline)
@@ -172,5 +196,5 @@ class ModelRegistry:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        logger.info("Evicted model %s to stay within the %.1f MiB budget",
-                    key, self.budget_bytes / MIB)
+        logger.info("Evicted %s %s to stay within the %.1f MiB budget",
+                    kind, key, self.budget_bytes / MIB)

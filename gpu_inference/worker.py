@@ -8,7 +8,9 @@ topic, which it follows from every partition; a cancellation there stops the att
 its next denoising step. Claimed attempts that can share one pipeline call (see
 ``gpu_inference.batching``) run as a batch of up to ``max_batch_size``, waiting at most
 ``max_batch_wait_ms`` for others. Progress, cancellation and failures stay per attempt.
-Every second it reports its busy slots on the status topic.
+Every second it reports on the status topic its busy slots, its warm models and adapters,
+and the partitions of the attempts topics assigned to it, so the coordinator can route
+attempts to it.
 A succeeded attempt also goes to the generated topic for post-processing. Offsets are
 committed only up to the oldest attempt that has not finished.
 
@@ -74,6 +76,9 @@ logger = logging.getLogger(__name__)
 STOP_GRACE_S = 30.0
 
 _MAX_ERROR_CHARS = 2_000
+# WorkerStatus accepts at most this many warm ids; a worker with more reports the most
+# recently used ones.
+MAX_WARM_REPORTED = 256
 MAX_REMEMBERED_CANCELS = 50_000
 
 
@@ -127,6 +132,7 @@ def build_runner(settings: Settings) -> Any:
         memory_budget_mb=settings.worker.memory_budget_mb,
         cuda_memory_fraction=settings.worker.cuda_memory_fraction,
         cpu_dtype=dtype_named(settings.worker.cpu_dtype),
+        adapter_dir=settings.worker.adapter_dir,
     )
 
 
@@ -326,13 +332,25 @@ class GpuWorker:
         warm = getattr(self.runner, "warm_models", None)
         status = WorkerStatus(
             worker_id=self.worker_id, slots=self.slots, busy=len(self._running),
-            warm_models=list(warm()) if callable(warm) else [], stopping=stopping,
+            warm_models=list(warm())[-MAX_WARM_REPORTED:] if callable(warm) else [],
+            stopping=stopping,
+            partitions={} if stopping else self._assigned_partitions(),
         )
         try:
             await self.producer.send(self.topics.worker_status, encode_event(status),
                                      key=self.worker_id.encode())
         except KafkaError:
             logger.warning("Failed to publish the status of worker %s", self.worker_id)
+
+    def _assigned_partitions(self) -> dict[Tier, list[int]]:
+        """Partitions of each tier's attempts topic that the consumer group assigned here."""
+        tiers = {self.topics.attempts(tier): tier for tier in Tier}
+        partitions: dict[Tier, list[int]] = {}
+        for assigned in self.fetcher.consumer.assignment():
+            tier = tiers.get(assigned.topic)
+            if tier is not None:
+                partitions.setdefault(tier, []).append(assigned.partition)
+        return {tier: sorted(numbers) for tier, numbers in partitions.items()}
 
     async def _claim(self, attempt: _Attempt, stop_at: float) -> ClaimDecision | None:
         """Claim the attempt and wait for the decision, asking again if none arrives in time.

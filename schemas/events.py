@@ -319,8 +319,12 @@ class WorkerStatus(_Event):
     worker_id: str = Field(min_length=1, max_length=128)
     slots: int = Field(ge=0)
     busy: int = Field(ge=0)
+    # Loaded base model and adapter ids; free slots are ``slots - busy``.
     warm_models: list[str] = Field(default_factory=list, max_length=256)
     stopping: bool = False
+    # Partitions of ``attempts.<tier>`` assigned to this worker, by tier. The coordinator
+    # routes an attempt to the worker through them. Empty before the first assignment.
+    partitions: dict[Tier, list[int]] = Field(default_factory=dict)
 
 
 class DeadLetter(_Event):

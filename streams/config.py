@@ -105,6 +105,9 @@ class CoordinatorSettings(BaseModel):
     lag_check_interval_s: float = Field(default=2.0, gt=0)
     # Seconds between sweeps that look for jobs past their deadline.
     sweep_interval_s: float = Field(default=1.0, gt=0)
+    # Route first attempts to a partition of the worker that model affinity picks; off, the
+    # default partitioner spreads them by key.
+    affinity_routing: bool = True
     retention_s: float = Field(default=3_600.0, ge=0)
 
 
@@ -128,6 +131,10 @@ class WorkerSettings(BaseModel):
     worker_id: str | None = None
     slots: int = Field(default=2, ge=1, le=256)
     model_path: str | None = None
+    # Folder of LoRA adapters, one ``<adapter id>/adapter.safetensors`` each. Without it the
+    # random-weight pipeline gets random adapters seeded from their ids, and a pipeline
+    # loaded from ``model_path`` rejects requests that name adapters.
+    adapter_dir: Path | None = None
     device: str = "auto"
     # Emit one progress heartbeat every N denoising steps.
     progress_every_steps: int = Field(default=1, ge=1)

@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaProducer
 from faust.types import EventT
 from opentelemetry.trace import SpanKind
 
+from gpu_inference.affinity import WorkerView, route_partition
 from gpu_inference.artifacts import ArtifactError, ArtifactStore
 from schemas.errors import EventDecodeError
 from schemas.events import (
@@ -174,6 +175,9 @@ class Coordinator:
         self._started_at = _utc_now()
         self._sweeps_sent: set[tuple[str, str, str]] = set()
         self._cancels_sent: dict[tuple[str, int], float] = {}
+        # Wall-clock times of attempts routed to each worker, so the slots they take count as
+        # busy until a status report newer than the routing includes them.
+        self._routed_at: dict[str, list[float]] = {}
 
         self.app.agent(self.requests_topic, name="requests")(self._requests_agent)
         self.app.agent(self.events_topic, name="events")(self._events_agent)
@@ -670,8 +674,37 @@ class Coordinator:
             return None
         return extract_context([("traceparent", job.traceparent.encode())])
 
+    def _affinity_partition(self, attempt: AttemptDispatched) -> int | None:
+        """Partition of the attempt's tier topic owned by the worker that affinity picks, or
+        None to let the default partitioner choose.
+
+        Re-dispatches (epoch above 1) keep the default partitioner, so an attempt that hung on
+        a worker with its model warm is not sent straight back to it.
+        """
+        if not self.settings.coordinator.affinity_routing or attempt.epoch > 1:
+            return None
+        views: list[WorkerView] = []
+        owned: dict[str, list[int]] = {}
+        for status in self.pool.live_workers():
+            reported_at = status.emitted_at.timestamp()
+            routed = [at for at in self._routed_at.get(status.worker_id, []) if at > reported_at]
+            self._routed_at[status.worker_id] = routed
+            views.append(WorkerView(status.worker_id, status.slots - status.busy - len(routed),
+                                    frozenset(status.warm_models)))
+            owned[status.worker_id] = status.partitions.get(attempt.tier, [])
+        routed_to = route_partition(views, owned, attempt.params.model, attempt.params.loras,
+                                    f"{attempt.attempt_id}:{attempt.epoch}")
+        if routed_to is None:
+            return None
+        worker_id, partition = routed_to
+        self._routed_at.setdefault(worker_id, []).append(time.time())
+        logger.debug("Routing attempt %s (model %s) to worker %s, partition %d",
+                     attempt.attempt_id, attempt.params.model, worker_id, partition)
+        return partition
+
     async def _send_attempt(self, flight: FlightState, attempt: AttemptDispatched) -> None:
         topic = self.attempt_topics[attempt.tier]
+        partition = self._affinity_partition(attempt)
         with stage_span(
             self.tracer, f"send {topic.get_topic_name()}", "dispatch",
             parent=self._job_context(flight, attempt.job_id), kind=SpanKind.PRODUCER,
@@ -683,13 +716,14 @@ class Coordinator:
                 "slotforge.attempt.id": attempt.attempt_id,
                 "slotforge.attempt.epoch": attempt.epoch,
                 "slotforge.tier": attempt.tier.value,
+                "slotforge.attempt.routed": partition is not None,
             },
         ) as span:
             # The epoch is part of the key, so a re-dispatch lands on a random partition
             # instead of going back to the worker that just hung on it.
             await topic.send(
                 key=f"{attempt.attempt_id}:{attempt.epoch}".encode(),
-                value=encode_event(attempt), headers=inject_headers(span),
+                value=encode_event(attempt), headers=inject_headers(span), partition=partition,
             )
         self.pool.dispatched(attempt.attempt_id, attempt.tier)
         logger.debug("Dispatched attempt %s (epoch %d) of job %s",

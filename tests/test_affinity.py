@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import random
 
-from gpu_inference.affinity import LoadCosts, WorkerView, load_s, pick_affinity, pick_random
+from gpu_inference.affinity import (
+    LoadCosts,
+    Placement,
+    WorkerView,
+    load_s,
+    pick_affinity,
+    pick_random,
+    place,
+    rendezvous_rank,
+    route_partition,
+)
 
 
-def _worker(worker_id: str, free_slots: int, *warm: str) -> WorkerView:
-    return WorkerView(worker_id=worker_id, free_slots=free_slots, warm_models=frozenset(warm))
+def _worker(worker_id: str, free_slots: int, *warm: str,
+            frees_in_s: float | None = None) -> WorkerView:
+    return WorkerView(worker_id=worker_id, free_slots=free_slots, warm_models=frozenset(warm),
+                      frees_in_s=frees_in_s)
 
 
 def test_affinity_picks_warm_free_worker() -> None:
@@ -40,10 +52,70 @@ def test_affinity_none_when_all_busy() -> None:
     assert pick_random(workers, random.Random(1)) is None
 
 
-def test_affinity_ties_break_by_free_slots() -> None:
-    workers = [_worker("a", 1), _worker("b", 3), _worker("c", 3)]
+def test_cold_model_lands_on_rendezvous_first() -> None:
+    workers = [_worker(name, 1) for name in "abcdefgh"]
+    first = min("abcdefgh", key=lambda name: rendezvous_rank("M9", name))
 
-    assert pick_affinity(workers, "M9") == "b"
+    assert pick_affinity(workers, "M9") == first
+    # Another model's cold loads spread to other workers; some model ranks each worker first.
+    firsts = {min("abcdefgh", key=lambda name, model=model: rendezvous_rank(model, name))
+              for model in (f"M{index}" for index in range(64))}
+    assert firsts == set("abcdefgh")
+
+
+def test_rendezvous_stable_when_worker_leaves() -> None:
+    names = "abcdefgh"
+    models = [f"M{index}" for index in range(200)]
+
+    def first(model: str, pool: str) -> str:
+        return min(pool, key=lambda name: rendezvous_rank(model, name))
+
+    moved = [model for model in models if first(model, names) != first(model, names[:-1])]
+
+    # Only the models that ranked the removed worker first move.
+    assert all(first(model, names) == "h" for model in moved)
+
+
+def test_place_waits_for_warm_worker_freeing_soon() -> None:
+    costs = LoadCosts(model_load_s=10.0, adapter_load_s=2.0)
+    workers = [_worker("warm", 0, "M1", frees_in_s=3.0), _worker("cold", 1)]
+
+    assert place(workers, "M1", costs=costs) == Placement("warm", 0.0, wait=True)
+
+
+def test_place_skips_wait_longer_than_load() -> None:
+    costs = LoadCosts(model_load_s=10.0, adapter_load_s=2.0)
+    slow = [_worker("warm", 0, "M1", frees_in_s=12.0), _worker("cold", 1)]
+    waited = [_worker("warm", 0, "M1", frees_in_s=3.0), _worker("cold", 1)]
+    unknown = [_worker("warm", 0, "M1"), _worker("cold", 1)]
+
+    assert place(slow, "M1", costs=costs) == Placement("cold", 10.0)
+    assert place(waited, "M1", costs=costs, waited_s=8.0) == Placement("cold", 10.0)
+    assert place(unknown, "M1", costs=costs) == Placement("cold", 10.0)
+
+
+def test_place_prefers_free_warm_worker() -> None:
+    workers = [_worker("busy", 0, "M1", frees_in_s=0.0), _worker("free", 1, "M1")]
+
+    assert place(workers, "M1") == Placement("free", 0.0)
+
+
+def test_route_partition_of_chosen_worker() -> None:
+    workers = [_worker("a", 1, "M1"), _worker("b", 1, "M2"), _worker("c", 1, "M1")]
+    owned = {"a": [0, 3], "b": [1], "c": []}
+
+    worker_id, partition = route_partition(workers, owned, "M1", (), "attempt-1:1") or ("", -1)
+
+    # "c" holds the model too but owns no partition, so only "a" can receive it.
+    assert worker_id == "a"
+    assert partition in (0, 3)
+    assert route_partition(workers, owned, "M2", (), "attempt-2:1") == ("b", 1)
+
+
+def test_route_partition_none_when_all_busy() -> None:
+    workers = [_worker("a", 0, "M1"), _worker("b", 0)]
+
+    assert route_partition(workers, {"a": [0], "b": [1]}, "M1", (), "attempt:1") is None
 
 
 def test_load_seconds_per_missing_part() -> None:
