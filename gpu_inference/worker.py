@@ -268,15 +268,17 @@ class GpuWorker:
             batches = await self.control.getmany(timeout_ms=200)
             for records in batches.values():
                 for record in records:
-                    self._on_control(record)
+                    try:
+                        message = decode_event(record.value, ClaimDecision, AttemptCancel)
+                    except EventDecodeError as err:
+                        # Every worker reads every control partition without a group, so
+                        # each one dead-letters the record under its own worker id.
+                        await send_to_deadletter(self.producer, self.topics.deadletter,
+                                                 record, self.worker_id, err)
+                        continue
+                    self._on_control(message)
 
-    def _on_control(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        try:
-            message = decode_event(record.value, ClaimDecision, AttemptCancel)
-        except EventDecodeError as err:
-            logger.warning("Ignoring undecodable control record %s[%d]@%d: %s",
-                           record.topic, record.partition, record.offset, err)
-            return
+    def _on_control(self, message: ClaimDecision | AttemptCancel) -> None:
         if isinstance(message, ClaimDecision):
             if message.worker_id != self.worker_id:
                 return

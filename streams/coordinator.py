@@ -13,16 +13,16 @@ changelog topic and carries on.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import faust
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 from faust.types import EventT
 from opentelemetry.trace import SpanKind
 
@@ -35,7 +35,6 @@ from schemas.events import (
     AttemptProgress,
     AttemptStarted,
     ClaimDecision,
-    DeadLetter,
     DeliveryAck,
     JobCompleted,
     JobRejected,
@@ -52,7 +51,15 @@ from streams.admission import decide as decide_admission
 from streams.config import Settings, load_settings
 from streams.flight import AttemptRecord, Decision, FlightLimits, FlightState, PoolView
 from streams.flight import parameter_class as class_of
-from streams.kafka import group_lag, make_consumer, make_producer, topic_partitions
+from streams.kafka import (
+    build_dead_letter,
+    create_topics,
+    group_lag,
+    make_consumer,
+    make_producer,
+    topic_partitions,
+    wait_for_leaders,
+)
 from streams.liveness import LivenessTracker
 from streams.pool import PoolMonitor
 from streams.step_times import StepClass
@@ -64,6 +71,8 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = "coordinator"
 # Seconds before the same cancellation is published again.
 CANCEL_REPEAT_S = 5.0
+# JobRejected.reason's maximum length; longer validation summaries are cut to fit.
+MAX_REJECTION_REASON_CHARS = 2_000
 Headers = list[tuple[str, bytes]]
 
 
@@ -169,6 +178,20 @@ class Coordinator:
         self.app.task(self._worker_status_routine)
         self.app.task(self._downstream_lag_routine)
 
+    async def create_changelog(self) -> None:
+        """Create the table's changelog topic before the faust worker starts.
+
+        When faust creates it itself, the first group join can run before the new topic is
+        in the client's metadata. Faust then assigns no changelog partitions, so every
+        table write fails with PartitionsMismatch until the next rebalance.
+        """
+        changelog = self.flights.changelog_topic
+        name = changelog.get_topic_name()
+        # The same settings faust uses: as many partitions as the table, compacted.
+        await create_topics(self.settings.kafka, [name], partitions=self.settings.kafka.partitions,
+                            configs={"cleanup.policy": "compact"})
+        await wait_for_leaders(self.settings.kafka, [name])
+
     def _raw_topic(self, name: str, partitions: int | None = None) -> faust.TopicT:
         return self.app.topic(
             name, key_type=bytes, value_type=bytes, key_serializer="raw",
@@ -203,12 +226,25 @@ class Coordinator:
                         try:
                             status = decode_event(record.value, WorkerStatus)
                         except EventDecodeError as err:
-                            logger.warning("Ignoring undecodable worker status at %s[%d]@%d: %s",
-                                           record.topic, record.partition, record.offset, err)
+                            await self._dead_letter_status(record, err)
                             continue
                         self.pool.observe(status)
         finally:
             await consumer.stop()
+
+    async def _dead_letter_status(self, record: ConsumerRecord[bytes, bytes],
+                                  error: EventDecodeError) -> None:
+        # Every coordinator process reads the status topic without a group, so each one
+        # dead-letters the record under its own process id.
+        reader = f"{self.app.conf.id}/status-{os.getpid()}"
+        letter = build_dead_letter(
+            topic=record.topic, partition=record.partition, offset=record.offset,
+            group_id=reader, key=record.key, value=record.value,
+            error_type=error.error_type, reason=error.reason,
+        )
+        await self.deadletter_topic.send(key=record.key, value=encode_event(letter))
+        logger.warning("Sent undecodable worker status %s[%d]@%d to the dead-letter topic: %s",
+                       record.topic, record.partition, record.offset, error.reason[:300])
 
     async def _downstream_lag_routine(self) -> None:
         """Measure post-processing's lag, so speculation stops and admission tightens."""
@@ -291,15 +327,10 @@ class Coordinator:
 
     async def _dead_letter(self, event: EventT, error: EventDecodeError) -> None:
         message = event.message
-        letter = DeadLetter(
-            source_topic=message.topic,
-            partition=message.partition,
-            offset=message.offset,
-            consumer_group=self.app.conf.id,
-            key_b64=base64.b64encode(message.key).decode() if message.key else None,
-            payload_b64=base64.b64encode(event.value or b"").decode(),
-            error_type=error.error_type,
-            reason=error.reason[:4_000],
+        letter = build_dead_letter(
+            topic=message.topic, partition=message.partition, offset=message.offset,
+            group_id=self.app.conf.id, key=message.key, value=event.value,
+            error_type=error.error_type, reason=error.reason,
         )
         await self.deadletter_topic.send(key=message.key, value=encode_event(letter))
         logger.warning(
@@ -391,16 +422,16 @@ class Coordinator:
 
     async def _reject_invalid(self, event: EventT, error: EventDecodeError) -> None:
         """Reject an invalid request that names its job, else dead-letter it."""
-        ids = _job_ids_from(event.value)
-        if ids is None or error.error_type not in ("validation", "unsupported_version"):
+        rejection = rejection_for(event.value, error)
+        if rejection is None:
             await self._dead_letter(event, error)
             return
-        job_id, tenant_id = ids
-        rejection = JobRejected(job_id=job_id, tenant_id=tenant_id, reason=error.reason)
         await self.rejected_topic.send(
-            key=job_id.encode(), value=encode_event(rejection), headers=_headers_of(event)
+            key=rejection.job_id.encode(), value=encode_event(rejection),
+            headers=_headers_of(event),
         )
-        logger.warning("Rejected job %s tenant=%s: %s", job_id, tenant_id, error.reason[:300])
+        logger.warning("Rejected job %s tenant=%s: %s", rejection.job_id, rejection.tenant_id,
+                       error.reason[:300])
 
     # ---- attempt, claim and scoring events ---------------------------------------------------
 
@@ -771,11 +802,27 @@ class Coordinator:
             yield JobSweep(job_id=any_job, job_key=job_key, action="expire")
 
 
+def rejection_for(value: bytes | None, error: EventDecodeError) -> JobRejected | None:
+    """Build the rejection of an invalid request that names its job and tenant, else None.
+
+    Records that are not a job request at all (bad bytes, unknown type) get None, so they
+    go to the dead-letter topic instead.
+    """
+    if error.error_type not in ("validation", "unsupported_version"):
+        return None
+    ids = _job_ids_from(value)
+    if ids is None:
+        return None
+    job_id, tenant_id = ids
+    return JobRejected(job_id=job_id, tenant_id=tenant_id,
+                       reason=error.reason[:MAX_REJECTION_REASON_CHARS])
+
+
 def _job_ids_from(value: bytes | None) -> tuple[str, str] | None:
     """Extract job and tenant ids from an invalid request, so the rejection can reach the client."""
     try:
         raw = json.loads(value or b"")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     if not isinstance(raw, dict):
         return None
@@ -790,6 +837,7 @@ def main() -> int:
     """Run the coordinator as a faust worker until SIGTERM or SIGINT."""
     settings = load_settings()
     coordinator = Coordinator(settings)
+    asyncio.run(coordinator.create_changelog())
     # faust spells the warning level "warn".
     loglevel = settings.log_level.lower().replace("warning", "warn")
     worker = faust.Worker(coordinator.app, loglevel=loglevel, quiet=True)
