@@ -33,6 +33,9 @@ class KafkaSettings(BaseModel):
     partitions: int = Field(default=6, ge=1, le=1_000)
     replication_factor: int = Field(default=1, ge=1, le=10)
     request_timeout_ms: int = Field(default=30_000, ge=1_000)
+    # A consumer group member that has not polled for this long is removed from its group;
+    # it also bounds how long a rebalance waits for members.
+    max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
 
     @model_validator(mode="after")
     def _check_security(self) -> KafkaSettings:

@@ -45,6 +45,7 @@ def make_consumer(
         "auto_offset_reset": "earliest",
         "max_poll_records": 100,
         "isolation_level": "read_committed",
+        "max_poll_interval_ms": settings.max_poll_interval_ms,
     }
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)
