@@ -649,7 +649,8 @@ class GpuWorker:
             )
 
         try:
-            uri = self.store.write_png(event.job_id, event.attempt_id, result.image)
+            uri = self.store.write_png(event.job_id, event.attempt_id, result.image,
+                                       epoch=event.epoch)
         except Exception as err:  # noqa: BLE001 - a storage failure ends the attempt
             logger.exception(
                 "Failed to store the image of attempt %s of job %s", event.attempt_id, event.job_id
