@@ -480,6 +480,13 @@ class Coordinator:
             decision = flight.on_started(message)
             self._watch(flight, message)
         elif isinstance(message, AttemptFinished):
+            record = flight.attempts.get(message.attempt_id)
+            if message.artifact_uri and (record is None or record.epoch != message.epoch):
+                # A fenced run's image can fill no slot, and no record points to it.
+                logger.info("Attempt %s of job %s finished under stale epoch %d on %s",
+                            message.attempt_id, message.job_id, message.epoch,
+                            message.worker_id)
+                self._delete_artifact(message.artifact_uri, flight.job_key)
             decision = flight.on_finished(message, now, self.limits, pool)
             self.pool.claimed(message.attempt_id)
             self.pool.finished(message.gpu_s)
