@@ -61,6 +61,7 @@ from streams.kafka import (
     make_consumer,
     make_producer,
     send_to_deadletter,
+    stop_consumer,
     topic_partitions,
 )
 from streams.service import serve
@@ -246,8 +247,8 @@ class GpuWorker:
                             task.cancel()
             finally:
                 # Stopping the consumer leaves the group, so its partitions move at once.
-                await self.fetcher.consumer.stop()
-                await self.control.stop()
+                await stop_consumer(self.fetcher.consumer, self.group_id)
+                await stop_consumer(self.control, self.topics.control)
         finally:
             await self.producer.stop()
             self.executor.shutdown(wait=False, cancel_futures=True)

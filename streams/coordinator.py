@@ -64,6 +64,7 @@ from streams.liveness import LivenessTracker
 from streams.pool import PoolMonitor
 from streams.step_times import StepClass
 from streams.racing import AcceptanceEstimator, RacingPolicy
+from streams.service import start_exit_watchdog
 from streams.tracing import Tracing, datetime_ns, extract_context, inject_headers, stage_span
 
 logger = logging.getLogger(__name__)
@@ -840,6 +841,25 @@ def _job_ids_from(value: bytes | None) -> tuple[str, str] | None:
     return None
 
 
+class _CoordinatorWorker(faust.Worker):
+    """A faust worker that exits within ``stop_timeout_s`` of SIGTERM or SIGINT.
+
+    faust stops its consumer with aiokafka's consumer.stop(), which never returns while
+    the broker is unreachable.
+    """
+
+    def __init__(self, *args: Any, stop_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stop_timeout_s = stop_timeout_s
+
+    # NOTE: this overrides mode.Worker's private signal hook (mode-streaming 0.7.1), the
+    # only place that sees the stop signal before the consumer starts stopping.
+    def _schedule_shutdown(self, signal: Any) -> None:
+        if not self._signal_stop_time:
+            start_exit_watchdog(SERVICE_NAME, self._stop_timeout_s)
+        super()._schedule_shutdown(signal)
+
+
 def main() -> int:
     """Run the coordinator as a faust worker until SIGTERM or SIGINT."""
     settings = load_settings()
@@ -847,7 +867,8 @@ def main() -> int:
     asyncio.run(coordinator.create_changelog())
     # faust spells the warning level "warn".
     loglevel = settings.log_level.lower().replace("warning", "warn")
-    worker = faust.Worker(coordinator.app, loglevel=loglevel, quiet=True)
+    worker = _CoordinatorWorker(coordinator.app, loglevel=loglevel, quiet=True,
+                                stop_timeout_s=settings.stop_timeout_s)
     worker.execute_from_commandline()
     return 0
 

@@ -203,6 +203,22 @@ async def send_to_deadletter(
     )
 
 
+async def stop_consumer(consumer: AIOKafkaConsumer, name: str) -> None:
+    """Stop a consumer, also while the broker is unreachable.
+
+    In that case aiokafka 0.14's stop() raises CancelledError although nothing cancelled
+    the caller. That error is logged and dropped, so the caller's cleanup continues.
+    """
+    task = asyncio.current_task()
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        if task is not None and task.cancelling():
+            raise
+        logger.warning("Consumer of %s stopped without leaving its group cleanly; the broker "
+                       "is unreachable", name)
+
+
 async def group_lag(settings: KafkaSettings, group_id: str, topic: str) -> int:
     """Return how many records of ``topic`` the group has not committed yet."""
     admin = AIOKafkaAdminClient(**settings.client_options())
