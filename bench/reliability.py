@@ -1113,9 +1113,12 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"Overload: {overload['offered_jobs']} jobs offered in {overload['burst_s']:.0f} s "
             f"({overload['load_factor']:.0f}x the pool's capacity of "
             f"{overload['capacity_jobs_per_s']:.2f} jobs/s); {overload['admitted']} admitted, "
-            f"{overload['rejected']} rejected with a retry time, {overload['lost']} lost. "
-            "Peak resident memory per process (MB): "
-            + ", ".join(f"{name} {mb:.0f}" for name, mb in sorted(overload['peak_rss_mb'].items()))
+            f"{overload['rejected']} rejected with a retry time, {overload['lost']} lost; "
+            f"the backlog drained {overload['drained_s']:.0f} s after the burst. "
+            "Peak resident memory per process in the first and second half of the burst "
+            "(MB): "
+            + ", ".join(f"{name} {overload['rss_first_half_mb'].get(name, 0):.0f} to {mb:.0f}"
+                        for name, mb in sorted(overload['peak_rss_mb'].items()))
             + ".",
         ]
     lines += ["", "Reproduce:", "", "```", REPRODUCE, "```", ""]
