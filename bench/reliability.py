@@ -399,11 +399,26 @@ async def kill_broker(context: FaultContext) -> dict[str, Any]:
     assert broker is not None, "the broker fault needs a broker of its own"
     await context.wait_ended(len(context.outcome.requests) // 4)
     ended_before = context.outcome.ended
+    assert broker.process is not None
+    pid_before, cluster_before = broker.process.pid, _cluster_id(broker)
     await asyncio.to_thread(broker.kill)
     down_since = time.monotonic()
     await asyncio.sleep(5.0)
     await asyncio.to_thread(broker.start, format_first=False)
-    return {"ended_before_kill": ended_before, "down_s": round(time.monotonic() - down_since, 1)}
+    assert broker.process is not None
+    return {"ended_before_kill": ended_before,
+            "down_s": round(time.monotonic() - down_since, 1),
+            "same_pid": broker.process.pid == pid_before,
+            "same_cluster_id": _cluster_id(broker) == cluster_before}
+
+
+def _cluster_id(broker: KafkaBroker) -> str:
+    """Read the cluster id that formatting wrote into the broker's log folder."""
+    meta = broker.data_dir / "data" / "meta.properties"
+    for line in meta.read_text().splitlines():
+        if line.startswith("cluster.id="):
+            return line.removeprefix("cluster.id=")
+    raise RuntimeError(f"no cluster.id in {meta}")
 
 
 async def kill_coordinator(context: FaultContext) -> dict[str, Any]:
