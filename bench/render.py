@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     args.page.parent.mkdir(parents=True, exist_ok=True)
     args.page.write_text(render(args.results))
     print(args.page)
+    reliability_results = args.results / "reliability.json"
+    if reliability_results.exists():
+        from bench.reliability import write_page
+
+        print(write_page(json.loads(reliability_results.read_text())))
     return 0
 
 

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
@@ -19,6 +20,7 @@ from opentelemetry.trace import Span
 
 from consumers.acks import send_ack
 from consumers.record_loop import run_record_loop
+from schemas.errors import PermanentError
 from schemas.events import JobCompleted
 from streams.config import Settings, load_settings
 from streams.service import serve
@@ -28,7 +30,20 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = "delivery"
 
 
+# Job ids become file names, so one that could leave the delivery folder is rejected.
+_JOB_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
 def manifest_path(delivery_dir: Path, job_id: str) -> Path:
+    """Return the manifest file of a job.
+
+    Raises:
+        PermanentError: the job id is not usable as a file name.
+    """
+    if not _JOB_ID.fullmatch(job_id):
+        raise PermanentError(
+            f"invalid job id {job_id[:100]!r} for a manifest file name; expected letters, "
+            "digits, '.', '_' and '-', not starting with '.'")
     return delivery_dir / f"{job_id}.json"
 
 

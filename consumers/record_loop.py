@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from schemas.errors import EventDecodeError
 from schemas.events import decode_event
 from streams.config import Settings
-from streams.kafka import make_consumer, make_producer, send_to_deadletter
+from streams.kafka import make_consumer, make_producer, send_to_deadletter, stop_consumer
 from streams.metrics import lag_routine
 from streams.tracing import Tracing, extract_context, stage_span
 
@@ -111,7 +111,7 @@ async def run_record_loop(
     finally:
         with contextlib.suppress(Exception):
             await tracing.flush(producer)
-        await consumer.stop()
+        await stop_consumer(consumer, group_id)
         await producer.stop()
         tracing.shutdown()
         logger.info("%s stopped consuming %s", service_name, topic)

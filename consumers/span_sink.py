@@ -41,7 +41,7 @@ from infra.clickhouse import (
 from schemas.errors import ConfigurationError, EventDecodeError
 from schemas.events import MAX_RECORD_BYTES
 from streams.config import ClickHouseSettings, Settings, load_settings
-from streams.kafka import make_consumer, make_producer, send_to_deadletter
+from streams.kafka import make_consumer, make_producer, send_to_deadletter, stop_consumer
 from streams.metrics import lag_routine
 from streams.service import serve
 
@@ -312,7 +312,7 @@ class SpanSink:
             try:
                 await self._store_remaining()
             finally:
-                await self.consumer.stop()
+                await stop_consumer(self.consumer, self.group_id)
                 await self.producer.stop()
                 await self.writer.close()
             logger.info("Span sink stopped: topic=%s group=%s", self.topic, self.group_id)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from urllib.parse import urlparse
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from opentelemetry.trace import Span
 from PIL import Image, UnidentifiedImageError
 
 from consumers.record_loop import run_record_loop
+from gpu_inference.artifacts import ArtifactError, ArtifactStore
 from schemas.events import JobCompleted, utc_now
 from streams.config import Settings, load_settings
 from streams.service import serve
@@ -29,14 +29,17 @@ def thumbnail_path(artifact: Path) -> Path:
     return artifact.with_name(f"{artifact.stem}.thumb.png")
 
 
-def write_thumbnail(artifact_uri: str, size_px: int) -> Path | None:
-    """Write a thumbnail for a ``file://`` artifact; returns None when it cannot be read."""
-    parsed = urlparse(artifact_uri)
-    if parsed.scheme != "file":
-        logger.warning("Skipping thumbnail for %s: only file:// artifacts are supported",
-                       artifact_uri)
+def write_thumbnail(store: ArtifactStore, artifact_uri: str, size_px: int) -> Path | None:
+    """Write a thumbnail beside an artifact of the store; returns None when it cannot be read.
+
+    Only artifacts inside the store are read, so a completion naming any other file leaves
+    it alone.
+    """
+    try:
+        source = store.path_of(artifact_uri)
+    except ArtifactError as err:
+        logger.warning("Skipping thumbnail for %s: %s", artifact_uri[:300], err)
         return None
-    source = Path(parsed.path)
     try:
         with Image.open(source) as image:
             image.thumbnail((size_px, size_px))
@@ -44,12 +47,13 @@ def write_thumbnail(artifact_uri: str, size_px: int) -> Path | None:
             image.save(target, format="PNG")
             return target
     except (OSError, UnidentifiedImageError) as err:
-        logger.warning("Skipping thumbnail for %s: %s", artifact_uri, err)
+        logger.warning("Skipping thumbnail for %s: %s", artifact_uri[:300], err)
         return None
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     size_px = settings.consumers.thumbnail_px
+    store = ArtifactStore(settings.artifact_dir)
     budget_s = settings.consumers.best_effort_budget_s
     dropped = 0
 
@@ -66,7 +70,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             return
         written = 0
         for slot in completed.slots:
-            if await asyncio.to_thread(write_thumbnail, slot.artifact_uri, size_px):
+            if await asyncio.to_thread(write_thumbnail, store, slot.artifact_uri, size_px):
                 written += 1
         span.set_attribute("slotforge.thumbnails.written", written)
         logger.debug("Wrote %d thumbnails for job %s", written, completed.job_id)

@@ -1,4 +1,4 @@
-"""Local artifact store: one PNG per attempt at ``<root>/<job_id>/<attempt_id>.png``.
+"""Local artifact store: one PNG per attempt run at ``<root>/<job_id>/<attempt_id>.e<epoch>.png``.
 
 Artifacts are addressed by ``file://`` URIs so that events carry a location that a later
 object-store backend can replace with its own scheme.
@@ -48,11 +48,16 @@ class ArtifactStore:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
 
-    def path_for(self, job_id: str, attempt_id: str) -> Path:
-        folder = self.root / _check_id("job_id", job_id)
-        return folder / f"{_check_id('attempt_id', attempt_id)}.png"
+    def path_for(self, job_id: str, attempt_id: str, epoch: int) -> Path:
+        """Return the file of one run of an attempt.
 
-    def write_png(self, job_id: str, attempt_id: str, image: Image.Image) -> str:
+        The epoch is part of the name, so a fenced worker that finishes late writes its own
+        file instead of replacing the image of the run that replaced it.
+        """
+        folder = self.root / _check_id("job_id", job_id)
+        return folder / f"{_check_id('attempt_id', attempt_id)}.e{epoch}.png"
+
+    def write_png(self, job_id: str, attempt_id: str, image: Image.Image, *, epoch: int) -> str:
         """Write the image as PNG and return its ``file://`` URI.
 
         The file appears whole or not at all, because it is written to a temporary file in the
@@ -60,11 +65,11 @@ class ArtifactStore:
         """
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        return self.write_bytes(job_id, attempt_id, buffer.getvalue())
+        return self.write_bytes(job_id, attempt_id, buffer.getvalue(), epoch=epoch)
 
-    def write_bytes(self, job_id: str, attempt_id: str, data: bytes) -> str:
+    def write_bytes(self, job_id: str, attempt_id: str, data: bytes, *, epoch: int) -> str:
         """Write already encoded PNG bytes and return the artifact's ``file://`` URI."""
-        path = self.path_for(job_id, attempt_id)
+        path = self.path_for(job_id, attempt_id, epoch)
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(
             dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"

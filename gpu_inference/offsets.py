@@ -132,6 +132,11 @@ class FlowControlledConsumer:
     def __init__(self, consumer: AIOKafkaConsumer, group_id: str) -> None:
         self.consumer = consumer
         self.group_id = group_id
+        # The whole group waits out the grace, so it must end well within the rebalance
+        # timeout, which aiokafka sets to max_poll_interval_ms; past it members get evicted
+        # and rejoin in a loop.
+        poll_interval_s = getattr(consumer, "_max_poll_interval_ms", 300_000) / 1000
+        self.revoke_grace_s = min(self.REVOKE_GRACE_S, poll_interval_s / 3)
         self.tracker = OffsetTracker()
         self._backlog: deque[ConsumerRecord[bytes, bytes]] = deque()
         self._full = False
@@ -217,7 +222,7 @@ class FlowControlledConsumer:
         owned_records = [record for record in self._backlog
                 if TopicPartition(record.topic, record.partition) not in revoked]
         self._backlog = deque(owned_records)
-        await self._wait_for_in_flight(revoked, self.REVOKE_GRACE_S)
+        await self._wait_for_in_flight(revoked, self.revoke_grace_s)
         try:
             await self.commit(revoked)
         except Exception:  # noqa: BLE001 - the new owner re-reads uncommitted records
@@ -228,7 +233,7 @@ class FlowControlledConsumer:
                 "%d records are still in flight on revoked partitions after %.0f s; their new "
                 "owner will process them again",
                 running,
-                self.REVOKE_GRACE_S,
+                self.revoke_grace_s,
             )
         self.tracker.forget(revoked)
 

@@ -25,7 +25,7 @@ from gpu_inference.scoring import InvalidImageError, judge, score_png
 from schemas.errors import EventDecodeError
 from schemas.events import AttemptFinished, AttemptStatus, ResultScored, decode_event, encode_event
 from streams.config import Settings, load_settings
-from streams.kafka import make_consumer, make_producer, send_to_deadletter
+from streams.kafka import make_consumer, make_producer, send_to_deadletter, stop_consumer
 from streams.metrics import lag_routine
 from streams.service import serve
 from streams.tracing import Tracing, extract_context, inject_headers, stage_span
@@ -113,7 +113,7 @@ class Postprocessor:
                         for task in background:
                             task.cancel()
             finally:
-                await self.fetcher.consumer.stop()
+                await stop_consumer(self.fetcher.consumer, self.group_id)
         finally:
             await self.producer.stop()
             self.executor.shutdown(wait=False, cancel_futures=True)

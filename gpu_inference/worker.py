@@ -64,6 +64,7 @@ from streams.kafka import (
     make_consumer,
     make_producer,
     send_to_deadletter,
+    stop_consumer,
     topic_partitions,
 )
 from streams.metrics import ATTEMPTS_IN_FLIGHT, SLOT_UTILIZATION, lag_routine
@@ -260,8 +261,8 @@ class GpuWorker:
                             task.cancel()
             finally:
                 # Stopping the consumer leaves the group, so its partitions move at once.
-                await self.fetcher.consumer.stop()
-                await self.control.stop()
+                await stop_consumer(self.fetcher.consumer, self.group_id)
+                await stop_consumer(self.control, self.topics.control)
         finally:
             await self.producer.stop()
             self.executor.shutdown(wait=False, cancel_futures=True)
@@ -282,15 +283,17 @@ class GpuWorker:
             batches = await self.control.getmany(timeout_ms=200)
             for records in batches.values():
                 for record in records:
-                    self._on_control(record)
+                    try:
+                        message = decode_event(record.value, ClaimDecision, AttemptCancel)
+                    except EventDecodeError as err:
+                        # Every worker reads every control partition without a group, so
+                        # each one dead-letters the record under its own worker id.
+                        await send_to_deadletter(self.producer, self.topics.deadletter,
+                                                 record, self.worker_id, err)
+                        continue
+                    self._on_control(message)
 
-    def _on_control(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        try:
-            message = decode_event(record.value, ClaimDecision, AttemptCancel)
-        except EventDecodeError as err:
-            logger.warning("Ignoring undecodable control record %s[%d]@%d: %s",
-                           record.topic, record.partition, record.offset, err)
-            return
+    def _on_control(self, message: ClaimDecision | AttemptCancel) -> None:
         if isinstance(message, ClaimDecision):
             if message.worker_id != self.worker_id:
                 return
@@ -696,7 +699,8 @@ class GpuWorker:
                 "slotforge.attempt.id": event.attempt_id,
                 "slotforge.worker.id": self.worker_id,
             }):
-                uri = self.store.write_png(event.job_id, event.attempt_id, result.image)
+                uri = self.store.write_png(event.job_id, event.attempt_id, result.image,
+                                           epoch=event.epoch)
         except Exception as err:  # noqa: BLE001 - a storage failure ends the attempt
             logger.exception(
                 "Failed to store the image of attempt %s of job %s", event.attempt_id, event.job_id

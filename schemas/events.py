@@ -429,6 +429,10 @@ def decode_event(data: bytes | None, *expected: type[BaseModel]) -> Any:
         raw = json.loads(text)
     except json.JSONDecodeError as err:
         raise EventDecodeError(f"record value is not JSON: {err}", error_type="json") from err
+    except RecursionError as err:
+        # The json module recurses per nesting level, so deep nesting raises this instead.
+        raise EventDecodeError(f"record value is JSON nested too deeply: {err}",
+                               error_type="json") from err
     if not isinstance(raw, dict):
         raise EventDecodeError(
             f"record value is a JSON {type(raw).__name__}, expected an object",

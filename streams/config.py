@@ -33,6 +33,9 @@ class KafkaSettings(BaseModel):
     partitions: int = Field(default=6, ge=1, le=1_000)
     replication_factor: int = Field(default=1, ge=1, le=10)
     request_timeout_ms: int = Field(default=30_000, ge=1_000)
+    # A consumer group member that has not polled for this long is removed from its group.
+    # It also bounds how long a rebalance waits for members.
+    max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
 
     @model_validator(mode="after")
     def _check_security(self) -> KafkaSettings:
@@ -223,6 +226,9 @@ class Settings(BaseSettings):
     # Result manifests written by the critical delivery consumer, one JSON file per job.
     delivery_dir: Path = LOCAL_DIR / "deliveries"
     log_level: str = "INFO"
+    # Seconds a service may take to stop after SIGTERM before it exits without finishing
+    # its cleanup, for example when the broker is unreachable and every commit blocks.
+    stop_timeout_s: float = Field(default=60.0, gt=0)
 
     @property
     def topics(self) -> TopicNames:

@@ -13,16 +13,16 @@ changelog topic and carries on.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import faust
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 from faust.types import EventT
 from opentelemetry.trace import SpanKind
 
@@ -36,7 +36,6 @@ from schemas.events import (
     AttemptProgress,
     AttemptStarted,
     ClaimDecision,
-    DeadLetter,
     DeliveryAck,
     JobCompleted,
     JobRejected,
@@ -54,11 +53,14 @@ from streams.config import Settings, load_settings
 from streams.flight import AttemptRecord, Decision, FlightLimits, FlightState, PoolView
 from streams.flight import parameter_class as class_of
 from streams.kafka import (
+    build_dead_letter,
+    create_topics,
     group_lag,
     group_partition_lags,
     make_consumer,
     make_producer,
     topic_partitions,
+    wait_for_leaders,
 )
 from streams.metrics import (
     ADMISSION_DECISIONS,
@@ -71,6 +73,7 @@ from streams.liveness import LivenessTracker
 from streams.pool import PoolMonitor
 from streams.step_times import StepClass
 from streams.racing import AcceptanceEstimator, RacingPolicy
+from streams.service import start_exit_watchdog
 from streams.tracing import Tracing, datetime_ns, extract_context, inject_headers, stage_span
 
 logger = logging.getLogger(__name__)
@@ -78,6 +81,8 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = "coordinator"
 # Seconds before the same cancellation is published again.
 CANCEL_REPEAT_S = 5.0
+# JobRejected.reason's maximum length; longer validation summaries are cut to fit.
+MAX_REJECTION_REASON_CHARS = 2_000
 Headers = list[tuple[str, bytes]]
 
 
@@ -188,6 +193,20 @@ class Coordinator:
         if settings.metrics.port:
             self.app.task(self._own_lag_routine)
 
+    async def create_changelog(self) -> None:
+        """Create the table's changelog topic before the faust worker starts.
+
+        When faust creates it itself, the first group join can run before the new topic is
+        in the client's metadata. Faust then assigns no changelog partitions, so every
+        table write fails with PartitionsMismatch until the next rebalance.
+        """
+        changelog = self.flights.changelog_topic
+        name = changelog.get_topic_name()
+        # The same settings faust uses: as many partitions as the table, compacted.
+        await create_topics(self.settings.kafka, [name], partitions=self.settings.kafka.partitions,
+                            configs={"cleanup.policy": "compact"})
+        await wait_for_leaders(self.settings.kafka, [name])
+
     def _raw_topic(self, name: str, partitions: int | None = None) -> faust.TopicT:
         return self.app.topic(
             name, key_type=bytes, value_type=bytes, key_serializer="raw",
@@ -222,12 +241,26 @@ class Coordinator:
                         try:
                             status = decode_event(record.value, WorkerStatus)
                         except EventDecodeError as err:
-                            logger.warning("Ignoring undecodable worker status at %s[%d]@%d: %s",
-                                           record.topic, record.partition, record.offset, err)
+                            await self._dead_letter_status(record, err)
                             continue
                         self.pool.observe(status)
         finally:
             await consumer.stop()
+
+    async def _dead_letter_status(self, record: ConsumerRecord[bytes, bytes],
+                                  error: EventDecodeError) -> None:
+        # Every coordinator process reads the status topic without a group, so each one
+        # dead-letters the record under its own process id.
+        reader = f"{self.app.conf.id}/status-{os.getpid()}"
+        letter = build_dead_letter(
+            topic=record.topic, partition=record.partition, offset=record.offset,
+            group_id=reader, key=record.key, value=record.value,
+            error_type=error.error_type, reason=error.reason,
+        )
+        await self.deadletter_topic.send(key=record.key, value=encode_event(letter))
+        DEAD_LETTERS.labels(record.topic, reader, error.error_type).inc()
+        logger.warning("Sent undecodable worker status %s[%d]@%d to the dead-letter topic: %s",
+                       record.topic, record.partition, record.offset, error.reason[:300])
 
     async def _downstream_lag_routine(self) -> None:
         """Measure post-processing's lag, so speculation stops and admission tightens."""
@@ -329,15 +362,10 @@ class Coordinator:
 
     async def _dead_letter(self, event: EventT, error: EventDecodeError) -> None:
         message = event.message
-        letter = DeadLetter(
-            source_topic=message.topic,
-            partition=message.partition,
-            offset=message.offset,
-            consumer_group=self.app.conf.id,
-            key_b64=base64.b64encode(message.key).decode() if message.key else None,
-            payload_b64=base64.b64encode(event.value or b"").decode(),
-            error_type=error.error_type,
-            reason=error.reason[:4_000],
+        letter = build_dead_letter(
+            topic=message.topic, partition=message.partition, offset=message.offset,
+            group_id=self.app.conf.id, key=message.key, value=event.value,
+            error_type=error.error_type, reason=error.reason,
         )
         await self.deadletter_topic.send(key=message.key, value=encode_event(letter))
         DEAD_LETTERS.labels(message.topic, self.app.conf.id, error.error_type).inc()
@@ -433,16 +461,16 @@ class Coordinator:
 
     async def _reject_invalid(self, event: EventT, error: EventDecodeError) -> None:
         """Reject an invalid request that names its job, else dead-letter it."""
-        ids = _job_ids_from(event.value)
-        if ids is None or error.error_type not in ("validation", "unsupported_version"):
+        rejection = rejection_for(event.value, error)
+        if rejection is None:
             await self._dead_letter(event, error)
             return
-        job_id, tenant_id = ids
-        rejection = JobRejected(job_id=job_id, tenant_id=tenant_id, reason=error.reason)
         await self.rejected_topic.send(
-            key=job_id.encode(), value=encode_event(rejection), headers=_headers_of(event)
+            key=rejection.job_id.encode(), value=encode_event(rejection),
+            headers=_headers_of(event),
         )
-        logger.warning("Rejected job %s tenant=%s: %s", job_id, tenant_id, error.reason[:300])
+        logger.warning("Rejected job %s tenant=%s: %s", rejection.job_id, rejection.tenant_id,
+                       error.reason[:300])
 
     # ---- attempt, claim and scoring events ---------------------------------------------------
 
@@ -491,6 +519,13 @@ class Coordinator:
             decision = flight.on_started(message)
             self._watch(flight, message)
         elif isinstance(message, AttemptFinished):
+            record = flight.attempts.get(message.attempt_id)
+            if message.artifact_uri and (record is None or record.epoch != message.epoch):
+                # A fenced run's image can fill no slot, and no record points to it.
+                logger.info("Attempt %s of job %s finished under stale epoch %d on %s",
+                            message.attempt_id, message.job_id, message.epoch,
+                            message.worker_id)
+                self._delete_artifact(message.artifact_uri, flight.job_key)
             decision = flight.on_finished(message, now, self.limits, pool)
             self.pool.claimed(message.attempt_id)
             self.pool.finished(message.gpu_s)
@@ -851,11 +886,27 @@ def _count_admission(request: JobRequested, verdict: str, *, rejected: bool) -> 
         ADMISSION_DECISIONS.labels(request.tier.value, verdict, "none").inc()
 
 
+def rejection_for(value: bytes | None, error: EventDecodeError) -> JobRejected | None:
+    """Build the rejection of an invalid request that names its job and tenant, else None.
+
+    Records that are not a job request at all (bad bytes, unknown type) get None, so they
+    go to the dead-letter topic instead.
+    """
+    if error.error_type not in ("validation", "unsupported_version"):
+        return None
+    ids = _job_ids_from(value)
+    if ids is None:
+        return None
+    job_id, tenant_id = ids
+    return JobRejected(job_id=job_id, tenant_id=tenant_id,
+                       reason=error.reason[:MAX_REJECTION_REASON_CHARS])
+
+
 def _job_ids_from(value: bytes | None) -> tuple[str, str] | None:
     """Extract job and tenant ids from an invalid request, so the rejection can reach the client."""
     try:
         raw = json.loads(value or b"")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     if not isinstance(raw, dict):
         return None
@@ -866,14 +917,35 @@ def _job_ids_from(value: bytes | None) -> tuple[str, str] | None:
     return None
 
 
+class _CoordinatorWorker(faust.Worker):
+    """A faust worker that exits within ``stop_timeout_s`` of SIGTERM or SIGINT.
+
+    faust stops its consumer with aiokafka's consumer.stop(), which never returns while
+    the broker is unreachable.
+    """
+
+    def __init__(self, *args: Any, stop_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stop_timeout_s = stop_timeout_s
+
+    # NOTE: this overrides mode.Worker's private signal hook (mode-streaming 0.7.1), the
+    # only place that sees the stop signal before the consumer starts stopping.
+    def _schedule_shutdown(self, signal: Any) -> None:
+        if not self._signal_stop_time:
+            start_exit_watchdog(SERVICE_NAME, self._stop_timeout_s)
+        super()._schedule_shutdown(signal)
+
+
 def main() -> int:
     """Run the coordinator as a faust worker until SIGTERM or SIGINT."""
     settings = load_settings()
     start_metrics_server(settings.metrics.port, settings.metrics.address)
     coordinator = Coordinator(settings)
+    asyncio.run(coordinator.create_changelog())
     # faust spells the warning level "warn".
     loglevel = settings.log_level.lower().replace("warning", "warn")
-    worker = faust.Worker(coordinator.app, loglevel=loglevel, quiet=True)
+    worker = _CoordinatorWorker(coordinator.app, loglevel=loglevel, quiet=True,
+                                stop_timeout_s=settings.stop_timeout_s)
     worker.execute_from_commandline()
     return 0
 

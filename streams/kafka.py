@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from collections.abc import Sequence
@@ -45,13 +46,15 @@ def make_consumer(
         "auto_offset_reset": "earliest",
         "max_poll_records": 100,
         "isolation_level": "read_committed",
+        "max_poll_interval_ms": settings.max_poll_interval_ms,
     }
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)
 
 
 async def create_topics(
-    settings: KafkaSettings, names: Sequence[str], *, partitions: int | None = None
+    settings: KafkaSettings, names: Sequence[str], *, partitions: int | None = None,
+    configs: dict[str, str] | None = None,
 ) -> None:
     """Create the topics that do not exist yet; existing ones are left as they are."""
     admin = AIOKafkaAdminClient(**settings.client_options())
@@ -66,6 +69,7 @@ async def create_topics(
                 name,
                 num_partitions=partitions or settings.partitions,
                 replication_factor=settings.replication_factor,
+                topic_configs=configs or {},
             )
             for name in missing
         ]
@@ -74,6 +78,34 @@ async def create_topics(
         except TopicAlreadyExistsError:
             logger.debug("Topics %s were created concurrently", missing)
         logger.info("Created topics %s", ", ".join(missing))
+    finally:
+        await admin.close()
+
+
+async def wait_for_leaders(settings: KafkaSettings, names: Sequence[str],
+                           timeout_s: float = 60.0) -> None:
+    """Wait until every partition of the topics has a leader.
+
+    Raises:
+        TimeoutError: a topic is still missing or a partition has no leader after ``timeout_s``.
+    """
+    admin = AIOKafkaAdminClient(**settings.client_options())
+    await admin.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            described = await admin.describe_topics(list(names))
+            ready = [topic["topic"] for topic in described
+                     if topic.get("error_code", 0) == 0 and topic.get("partitions")
+                     and all(partition.get("leader", -1) >= 0
+                             for partition in topic["partitions"])]
+            if len(ready) == len(names):
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                waiting = sorted(set(names) - set(ready))
+                raise TimeoutError(f"topics {', '.join(waiting)} have partitions without a "
+                                   f"leader after {timeout_s:.0f} s")
+            await asyncio.sleep(0.2)
     finally:
         await admin.close()
 
@@ -105,6 +137,43 @@ def header_value(headers: Sequence[tuple[str, bytes]] | None, name: str) -> str 
     return None
 
 
+# A dead letter keeps at most this much of the rejected value. Base64 grows it by a third,
+# so a letter for a value near the broker's 1 MB record limit still fits under that limit.
+MAX_DEADLETTER_PAYLOAD_BYTES = 256_000
+
+
+def build_dead_letter(
+    *,
+    topic: str,
+    partition: int,
+    offset: int,
+    group_id: str,
+    key: bytes | None,
+    value: bytes | None,
+    error_type: str,
+    reason: str,
+) -> DeadLetter:
+    """Build the dead letter of an unprocessable record: its origin, the reason and its value.
+
+    A value longer than ``MAX_DEADLETTER_PAYLOAD_BYTES`` is truncated, and the reason says so.
+    """
+    payload = value or b""
+    if len(payload) > MAX_DEADLETTER_PAYLOAD_BYTES:
+        reason = (f"payload truncated to its first {MAX_DEADLETTER_PAYLOAD_BYTES} of "
+                  f"{len(payload)} bytes; {reason}")
+        payload = payload[:MAX_DEADLETTER_PAYLOAD_BYTES]
+    return DeadLetter(
+        source_topic=topic,
+        partition=partition,
+        offset=offset,
+        consumer_group=group_id,
+        key_b64=base64.b64encode(key[:MAX_DEADLETTER_PAYLOAD_BYTES]).decode() if key else None,
+        payload_b64=base64.b64encode(payload).decode(),
+        error_type=error_type,
+        reason=reason[:4_000],
+    )
+
+
 async def send_to_deadletter(
     producer: AIOKafkaProducer,
     topic: str,
@@ -115,15 +184,10 @@ async def send_to_deadletter(
     """Publish an unprocessable record to the dead-letter topic with where it came from and why."""
     error_type = getattr(error, "error_type", type(error).__name__)
     reason = getattr(error, "reason", str(error))
-    letter = DeadLetter(
-        source_topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        consumer_group=group_id,
-        key_b64=base64.b64encode(record.key).decode() if record.key else None,
-        payload_b64=base64.b64encode(record.value or b"").decode(),
-        error_type=error_type,
-        reason=reason[:4_000],
+    letter = build_dead_letter(
+        topic=record.topic, partition=record.partition, offset=record.offset,
+        group_id=group_id, key=record.key, value=record.value, error_type=error_type,
+        reason=reason,
     )
     headers = [(key, value) for key, value in (record.headers or ()) if isinstance(value, bytes)]
     await producer.send_and_wait(topic, encode_event(letter), key=record.key, headers=headers)
@@ -139,6 +203,22 @@ async def send_to_deadletter(
         error_type,
         reason[:300],
     )
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer, name: str) -> None:
+    """Stop a consumer, also while the broker is unreachable.
+
+    In that case aiokafka 0.14's stop() raises CancelledError although nothing cancelled
+    the caller. That error is logged and dropped, so the caller's cleanup continues.
+    """
+    task = asyncio.current_task()
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        if task is not None and task.cancelling():
+            raise
+        logger.warning("Consumer of %s stopped without leaving its group cleanly; the broker "
+                       "is unreachable", name)
 
 
 async def group_lag(settings: KafkaSettings, group_id: str, topic: str) -> int:

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 
 from streams.config import Settings
@@ -20,6 +21,8 @@ from streams.metrics import start_metrics_server
 logger = logging.getLogger(__name__)
 
 ServiceMain = Callable[[Settings, asyncio.Event], Awaitable[None]]
+# Exit status of a service that the watchdog ended because its stop did not finish in time.
+STOP_TIMEOUT_EXIT_STATUS = 3
 
 
 def configure_logging(level: str) -> None:
@@ -30,6 +33,26 @@ def configure_logging(level: str) -> None:
     )
     # aiokafka logs every group join at INFO; that is useful, its heartbeat chatter is not.
     logging.getLogger("aiokafka.consumer.group_coordinator").setLevel(logging.WARNING)
+
+
+def start_exit_watchdog(name: str, timeout_s: float) -> threading.Timer:
+    """End the process if it is still running ``timeout_s`` after a stop signal.
+
+    While the broker is unreachable, the commits, producer flushes and group leaves of a
+    stop can block far longer than a stop should take. The watchdog runs in a thread,
+    because the event loop may be what is stuck.
+    """
+
+    def expire() -> None:
+        logger.error("%s did not stop within %.0f s of the stop signal; exiting without "
+                     "finishing cleanup (pid %d)", name, timeout_s, os.getpid())
+        logging.shutdown()
+        os._exit(STOP_TIMEOUT_EXIT_STATUS)
+
+    timer = threading.Timer(timeout_s, expire)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 async def _serve(name: str, main: ServiceMain, settings: Settings) -> None:
@@ -44,6 +67,7 @@ async def _serve(name: str, main: ServiceMain, settings: Settings) -> None:
         if signals_seen == 1:
             logger.info("Received %s; stopping %s", signal.Signals(signum).name, name)
             stop.set()
+            start_exit_watchdog(name, settings.stop_timeout_s)
         elif task is not None:
             logger.warning("Received a second signal; cancelling %s", name)
             task.cancel()

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from pydantic import ValidationError
 
+from bench.reliability import clickhouse_unavailable
 from infra.clickhouse import (
     SPAN_COLUMNS,
     SPAN_ROW_ADAPTER,
@@ -76,37 +74,8 @@ EXPORTER_COLUMNS = [
 BASE_NS = 1_735_689_600_000_000_000
 MS = 1_000_000
 
-# Run in a child process: opens the store, prints "ready", then keeps it open until stdin closes.
-_HOLDER_SCRIPT = """
-import sys
-import clickhouse_connect
-client = clickhouse_connect.get_client(dsn=sys.argv[1])
-client.command("SELECT 1")
-print("ready", flush=True)
-sys.stdin.read()
-client.close()
-"""
-
-
-@contextmanager
-def store_held_by_other_process(dsn: str) -> Iterator[int]:
-    """Keep a chDB store open in a child process, as a running span sink does, and yield its pid."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER_SCRIPT, dsn],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.strip() == "ready", f"store holder failed to start: {line!r}"
-        yield process.pid
-    finally:
-        assert process.stdin is not None
-        process.stdin.close()
-        process.wait(timeout=30)
+# Keeps a chDB store open in a child process, as a running span sink does, and yields its pid.
+store_held_by_other_process = clickhouse_unavailable
 
 
 def make_span_rows(stage_durations_ms: dict[str, list[float]]) -> list[dict[str, Any]]:

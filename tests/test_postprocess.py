@@ -44,23 +44,23 @@ def _image(seed: int = 0) -> Image.Image:
 def test_store_writes_reads_png(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path / "artifacts")
 
-    uri = store.write_png("job1", "attempt1", _image())
+    uri = store.write_png("job1", "attempt1", _image(), epoch=1)
 
-    path = (tmp_path / "artifacts" / "job1" / "attempt1.png").resolve()
+    path = (tmp_path / "artifacts" / "job1" / "attempt1.e1.png").resolve()
     assert uri == path.as_uri()
     assert uri.startswith("file:///")
     data = store.read(uri)
     assert data.startswith(b"\x89PNG")
     with Image.open(io.BytesIO(data)) as image:
         assert np.array_equal(np.asarray(image), np.asarray(_image()))
-    assert [entry.name for entry in path.parent.iterdir()] == ["attempt1.png"]
+    assert [entry.name for entry in path.parent.iterdir()] == ["attempt1.e1.png"]
 
 
 def test_store_delete_and_delete_job(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path)
-    first = store.write_png("job1", "a1", _image(1))
-    store.write_png("job1", "a2", _image(2))
-    other = store.write_png("job2", "a3", _image(3))
+    first = store.write_png("job1", "a1", _image(1), epoch=1)
+    store.write_png("job1", "a2", _image(2), epoch=1)
+    other = store.write_png("job2", "a3", _image(3), epoch=1)
 
     assert store.delete(first) is True
     assert store.delete(first) is False
@@ -78,9 +78,9 @@ def test_store_rejects_unsafe_ids(tmp_path: Path, bad_id: str) -> None:
     store = ArtifactStore(tmp_path)
 
     with pytest.raises(ArtifactError, match="invalid"):
-        store.write_png(bad_id, "attempt", _image())
+        store.write_png(bad_id, "attempt", _image(), epoch=1)
     with pytest.raises(ArtifactError, match="invalid"):
-        store.write_png("job", bad_id, _image())
+        store.write_png("job", bad_id, _image(), epoch=1)
 
 
 @pytest.mark.parametrize(
@@ -112,7 +112,7 @@ def _generated(settings: Settings, uri: str | None = None, **changes: Any) -> At
     attempt_id = uuid.uuid4().hex
     job_id = uuid.uuid4().hex
     if uri is None:
-        uri = ArtifactStore(settings.artifact_dir).write_png(job_id, attempt_id, _image())
+        uri = ArtifactStore(settings.artifact_dir).write_png(job_id, attempt_id, _image(), epoch=1)
     values: dict[str, Any] = {
         "attempt_id": attempt_id,
         "job_id": job_id,

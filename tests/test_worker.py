@@ -164,7 +164,8 @@ async def test_worker_runs_attempts_end_to_end(settings: Settings) -> None:
         assert finished.slot == attempt.slot
         assert finished.gpu_s > 0
         assert finished.error_type is None
-        path = settings.artifact_dir.resolve() / attempt.job_id / f"{attempt.attempt_id}.png"
+        path = (settings.artifact_dir.resolve() / attempt.job_id
+                / f"{attempt.attempt_id}.e{attempt.epoch}.png")
         assert finished.artifact_uri == path.as_uri()
         with Image.open(path) as image:
             assert image.size == (32, 32)
