@@ -1,7 +1,8 @@
 """GPU worker service: runs dispatched attempts in a fixed number of slots.
 
 The worker consumes ``attempts.<tier>`` for every tier in one consumer group and fetches only
-while a slot is free. For each attempt it publishes ``attempt.started``, ``attempt.progress``
+while a slot is free, from the tiers its tier policy (``gpu_inference.tier_policy``) chooses;
+the other tiers' partitions stay paused. For each attempt it publishes ``attempt.started``, ``attempt.progress``
 heartbeats and ``attempt.finished`` to the coordinator events topic, keyed by the job key.
 Before it runs an attempt it claims it and waits for the coordinator's grant on the control
 topic, which it follows from every partition; a cancellation there stops the attempt at
@@ -38,6 +39,8 @@ from gpu_inference.artifacts import ArtifactStore
 from gpu_inference.batching import Batcher, batch_key
 from gpu_inference.generation import GenerationCancelled, GenerationRequest, GenerationResult
 from gpu_inference.offsets import FlowControlledConsumer, commit_and_flush
+from gpu_inference.tier_fetch import TierFetchPlanner
+from gpu_inference.tier_policy import TierPolicyName, TierScheduler
 from schemas.errors import EventDecodeError
 from schemas.events import (
     AttemptCancel,
@@ -194,6 +197,18 @@ class GpuWorker:
             make_consumer(settings.kafka, group_id=self.group_id, max_poll_records=self.slots),
             self.group_id,
         )
+        worker_settings = settings.worker
+        self.tier_planner = TierFetchPlanner(
+            self.fetcher,
+            {self.topics.attempts(tier): tier for tier in Tier},
+            TierScheduler(
+                TierPolicyName(worker_settings.tier_policy),
+                aging_s=worker_settings.tier_aging_s,
+                weights={Tier(name): weight
+                         for name, weight in worker_settings.tier_weights.items()},
+            ),
+            refresh_s=worker_settings.tier_refresh_s,
+        )
         # Full batches leave fewer calls running than slots, so each thread gets more cores.
         concurrent_calls = -(-self.slots // self.batcher.max_batch_size)
         self.executor = ThreadPoolExecutor(
@@ -215,12 +230,13 @@ class GpuWorker:
     async def run(self, stop: asyncio.Event) -> None:
         topics = [self.topics.attempts(tier) for tier in Tier]
         logger.info(
-            "Starting GPU worker %s: group %s, %d slots, batches of up to %d, device %s, "
-            "model path %s, topics %s",
+            "Starting GPU worker %s: group %s, %d slots, batches of up to %d, tier policy %s, "
+            "device %s, model path %s, topics %s",
             self.worker_id,
             self.group_id,
             self.slots,
             self.batcher.max_batch_size,
+            self.settings.worker.tier_policy,
             self.runner.device,
             self.settings.worker.model_path or "none (random weights)",
             ", ".join(topics),
@@ -358,7 +374,10 @@ class GpuWorker:
         async with asyncio.TaskGroup() as attempts:
             while not stop.is_set():
                 free = self.slots - len(self._running)
-                for record in await self.fetcher.fetch(free, stop):
+                topics = await self.tier_planner.topics_for_fetch() if free > 0 else None
+                records = await self.fetcher.fetch(free, stop, topics=topics)
+                self.tier_planner.taken(records)
+                for record in records:
                     await self._take(record, attempts)
                 await self.fetcher.commit()
             await self._drain()

@@ -147,6 +147,23 @@ class WorkerSettings(BaseModel):
     cpu_dtype: Literal["float32", "float64"] = "float32"
     cuda_memory_fraction: float = Field(default=0.9, gt=0, le=1)
     simulation: SimulationSettings = SimulationSettings()
+    # Order in which the worker takes attempts of the three tiers: strict priority with
+    # aging, weighted shares, or fifo (no tier preference).
+    tier_policy: Literal["strict", "weighted", "fifo"] = "strict"
+    # Seconds a queued tier may go unserved under strict priority before it gets a fetch.
+    tier_aging_s: float = Field(default=10.0, gt=0)
+    # Shares of the weighted policy, by tier name.
+    tier_weights: dict[Literal["interactive", "standard", "batch"], float] = Field(
+        default_factory=lambda: {"interactive": 6.0, "standard": 3.0, "batch": 1.0})
+    # Seconds between measurements of the queued attempts per tier (end offsets).
+    tier_refresh_s: float = Field(default=0.2, gt=0)
+
+    @model_validator(mode="after")
+    def _check_tier_weights(self) -> WorkerSettings:
+        bad = {tier: weight for tier, weight in self.tier_weights.items() if weight <= 0}
+        if bad:
+            raise ValueError(f"tier_weights must be positive, got {bad}")
+        return self
 
 
 class PostprocessSettings(BaseModel):
