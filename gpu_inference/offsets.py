@@ -10,7 +10,7 @@ import asyncio
 import collections
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from aiokafka import (
@@ -138,6 +138,10 @@ class FlowControlledConsumer:
         self._full = False
         # Topics a tier policy allows fetching from; None allows every assigned topic.
         self._allowed: set[str] | None = None
+        # Called with the partitions this member gains, and with those it gave up after
+        # their in-flight records finished or the grace period ran out.
+        self.assigned_hooks: list[Callable[[set[TopicPartition]], None]] = []
+        self.revoked_hooks: list[Callable[[set[TopicPartition]], None]] = []
         self._wake = asyncio.Event()
         self._finished = asyncio.Event()
 
@@ -259,6 +263,8 @@ class FlowControlledConsumer:
                 self.REVOKE_GRACE_S,
             )
         self.tracker.forget(revoked)
+        for hook in self.revoked_hooks:
+            hook(revoked)
 
     async def _wait_for_in_flight(self, partitions: set[TopicPartition], timeout_s: float) -> None:
         running = sum(self.tracker.in_flight(partition) for partition in partitions)
@@ -287,6 +293,8 @@ class FlowControlledConsumer:
             self.group_id,
             ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(assigned)) or "none",
         )
+        for hook in self.assigned_hooks:
+            hook(assigned)
         if self._full and assigned:
             self.consumer.pause(*assigned)
         elif self._allowed is not None:
