@@ -3,7 +3,7 @@
 One local broker serves both runs. Each run starts fresh pipeline processes (coordinator,
 post-processing, GPU workers with the simulated lognormal GPU) on its own topic prefix and
 replays the same jobs: the densest window of the Alibaba trace, time-scaled so the busiest
-tenth of the window requests three times the pool's GPU time, with tiers mixed 20/50/30
+quarter of the window requests three times the pool's GPU time, with tiers mixed 20/50/30
 (interactive/standard/batch). ``none`` admits every job and lets workers take attempts in
 fetch order; ``admission`` runs the coordinator's admission control and the workers'
 strict-priority tier policy with aging. The RSS of every process is sampled each second.
@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from aiokafka import ConsumerRecord
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.pipeline_run import (
     AttemptLog,
@@ -43,6 +45,7 @@ from bench.pipeline_run import (
 from infra.kafka_broker import KafkaBroker
 from schemas.events import (
     MAX_PROMPT_CHARS,
+    AttemptClaim,
     AttemptDispatched,
     JobRequested,
     JobStatus,
@@ -58,8 +61,9 @@ from streams.trace_replay import to_job_request
 POLICIES = ("none", "admission")
 TIER_MIX = {Tier.INTERACTIVE: 0.2, Tier.STANDARD: 0.5, Tier.BATCH: 0.3}
 TENANT_ID = "bench"
-# Share of the replay window over which peak demand is measured.
-PEAK_WINDOW_FRACTION = 0.1
+# Share of the replay window over which peak demand is measured: a quarter, so the peak
+# is a sustained stretch rather than a single burst.
+PEAK_WINDOW_FRACTION = 0.25
 # Memory counts as growing when the last quarter of the run averages this much more than
 # the first quarter: both a relative and an absolute margin, since RSS moves by a few MB.
 RSS_GROWTH_FRACTION = 0.10
@@ -80,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=150,
                         help="trace requests to replay, from the densest window")
     parser.add_argument("--peak-demand", type=float, default=3.0,
-                        help="GPU time asked for in the busiest tenth of the window, as a "
+                        help="GPU time requested in the busiest quarter of the window, as a "
                              "multiple of the pool's")
     parser.add_argument("--workers", type=int, default=2, help="GPU worker processes")
     parser.add_argument("--worker-slots", type=int, default=4,
@@ -93,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="probability that post-processing accepts one simulated image")
     parser.add_argument("--max-slots", type=int, default=4,
                         help="cap on the trace's images per request (the job's K)")
-    parser.add_argument("--deadlines", type=str, default="interactive=30,standard=90,batch=300",
+    parser.add_argument("--deadlines", type=str, default="interactive=20,standard=45,batch=120",
                         help="deadline of each tier, in seconds")
     parser.add_argument("--steps", type=int, default=10,
                         help="denoising steps of every job; the simulated time does not "
@@ -165,10 +169,11 @@ class OverloadConfig:
 # ---- schedule ---------------------------------------------------------------------------------
 
 def peak_demand_window_s(rows: Sequence[TraceRequest], config: OverloadConfig) -> float:
-    """Return the replay window whose busiest tenth requests ``peak_demand`` x the pool.
+    """Return the replay window whose busiest stretch requests ``peak_demand`` x the pool.
 
-    Demand in a stretch is the expected GPU seconds of the jobs arriving in it over the
-    stretch's length, compared with the pool's slots.
+    The stretch is ``PEAK_WINDOW_FRACTION`` of the window. Demand in a stretch is the
+    expected GPU seconds of the jobs arriving in it over the stretch's length, compared with
+    the pool's slots.
     """
     span = rows[-1].arrival_s
     width = span * PEAK_WINDOW_FRACTION
@@ -348,6 +353,7 @@ def _run_policy(bootstrap_servers: str, config: OverloadConfig, policy: str,
     run_dir = config.work_dir / "runs" / policy
     settings = policy_settings(bootstrap_servers, config, policy, run_dir)
     started = time.monotonic()
+    asyncio.run(create_changelog(settings))
     with PipelineRun(settings, config.workers, run_dir / "logs") as pipeline:
         ready_s = _wait_ready(pipeline)
         with RssSampler(pipeline) as sampler:
@@ -356,9 +362,12 @@ def _run_policy(bootstrap_servers: str, config: OverloadConfig, policy: str,
             job_ids = {request.job_id for _, request in schedule}
             log = asyncio.run(pipeline.attempt_log(job_ids))
         dispatched = asyncio.run(read_dispatches(settings.kafka, job_ids))
+        claims = asyncio.run(read_claims(settings.kafka, job_ids))
         pipeline.check_alive()
     metrics = policy_metrics(schedule, outcomes, log, dispatched,
                              config.workers * config.worker_slots)
+    metrics.update(claim_metrics(log, claims, config.workers * config.worker_slots,
+                                 metrics["backlogged_s"]))
     metrics["max_rss_mb"] = {kind: item["max_rss_mb"] for kind, item in
                              sampler.summary().items()}
     metrics["rss"] = sampler.summary()
@@ -366,6 +375,28 @@ def _run_policy(bootstrap_servers: str, config: OverloadConfig, policy: str,
     metrics.update(ready_s=ready_s, run_wall_s=time.monotonic() - started,
                    logs=str(run_dir / "logs"), load_average_1m=os.getloadavg()[0])
     return metrics
+
+
+async def create_changelog(settings: Settings) -> None:
+    """Create the coordinator's table changelog topic before the coordinator starts.
+
+    faust creates it itself, but on a loaded broker its consumer's metadata may miss the new
+    topic until the next refresh (minutes), and every job request in between fails with
+    PartitionsMismatch. Created first, the topic is in the first metadata.
+    """
+    prefix = settings.kafka.topic_prefix
+    name = f"{prefix}{settings.coordinator.app_id}-flights-changelog"
+    admin = AIOKafkaAdminClient(**settings.kafka.client_options())
+    await admin.start()
+    try:
+        if name in set(await admin.list_topics()):
+            return
+        await admin.create_topics([NewTopic(
+            name, num_partitions=settings.kafka.partitions,
+            replication_factor=settings.kafka.replication_factor,
+            topic_configs={"cleanup.policy": "compact"})])
+    finally:
+        await admin.close()
 
 
 def _wait_ready(pipeline: PipelineRun, tries: int = 3) -> float:
@@ -386,14 +417,12 @@ def _wait_ready(pipeline: PipelineRun, tries: int = 3) -> float:
     return waited_s
 
 
-async def read_dispatches(kafka: KafkaSettings, job_ids: set[str]
-                          ) -> dict[tuple[str, int], AttemptDispatched]:
-    """Read every attempts topic from start to end: each dispatch by attempt and epoch."""
-    topics = kafka.topics
-    names = [topics.attempts(tier) for tier in Tier]
+async def _read_topics(kafka: KafkaSettings, names: Sequence[str]
+                       ) -> list[ConsumerRecord[bytes, bytes]]:
+    """Read topics from their start to their current end, without a consumer group."""
     consumer = make_consumer(kafka, group_id=None, max_poll_records=5_000)
     await consumer.start()
-    found: dict[tuple[str, int], AttemptDispatched] = {}
+    found: list[ConsumerRecord[bytes, bytes]] = []
     try:
         partitions = await topic_partitions(kafka, *names)
         consumer.assign(partitions)
@@ -402,15 +431,55 @@ async def read_dispatches(kafka: KafkaSettings, job_ids: set[str]
         remaining = {partition for partition in partitions if ends[partition] > 0}
         while remaining:
             for partition, records in (await consumer.getmany(timeout_ms=500)).items():
-                for record in records:
-                    event = decode_event(record.value, AttemptDispatched)
-                    if event.job_id in job_ids:
-                        found.setdefault((event.attempt_id, event.epoch), event)
+                found += records
                 if await consumer.position(partition) >= ends[partition]:
                     remaining.discard(partition)
     finally:
         await consumer.stop()
     return found
+
+
+async def read_dispatches(kafka: KafkaSettings, job_ids: set[str]
+                          ) -> dict[tuple[str, int], AttemptDispatched]:
+    """Read every attempts topic: the first dispatch of each attempt and epoch."""
+    names = [kafka.topics.attempts(tier) for tier in Tier]
+    found: dict[tuple[str, int], AttemptDispatched] = {}
+    for record in await _read_topics(kafka, names):
+        event = decode_event(record.value, AttemptDispatched)
+        if event.job_id in job_ids:
+            found.setdefault((event.attempt_id, event.epoch), event)
+    return found
+
+
+async def read_claims(kafka: KafkaSettings, job_ids: set[str]
+                      ) -> dict[tuple[str, int, str], float]:
+    """Read the first claim of each attempt, epoch and worker, as its record timestamp (s)."""
+    found: dict[tuple[str, int, str], float] = {}
+    for record in await _read_topics(kafka, [kafka.topics.coordinator_events]):
+        if b'"attempt.claim"' not in (record.value or b""):
+            continue
+        claim = decode_event(record.value, AttemptClaim)
+        if claim.job_id in job_ids:
+            found.setdefault((claim.attempt_id, claim.epoch, claim.worker_id),
+                             record.timestamp / 1000)
+    return found
+
+
+def claim_metrics(log: AttemptLog, claims: dict[tuple[str, int, str], float], slots: int,
+                  backlogged_s: float) -> dict[str, float | None]:
+    """Time from a worker's claim to the attempt's start, while its slot held no work.
+
+    The share is an estimate of the idle slot time that claims explain: every claim's wait
+    over the slot time while backlogged, whether or not the claim fell inside a backlog.
+    """
+    waits = [started.started_at.timestamp() - claims[key] for started in log.started
+             if (key := (started.attempt_id, started.epoch, started.worker_id)) in claims]
+    return {
+        "claim_wait_p50_s": percentile(waits, 50),
+        "claim_wait_p99_s": percentile(waits, 99),
+        "claim_idle_share_estimate": (sum(waits) / (slots * backlogged_s)
+                                      if backlogged_s else None),
+    }
 
 
 # ---- metrics ----------------------------------------------------------------------------------
@@ -563,7 +632,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"Arrivals: the densest window of {setup['trace']['rows']} consecutive requests of "
         f"{setup['trace']['file']}, with the trace's images per request (capped at "
         f"{parameters['max_slots']}), time-scaled to {setup['trace']['replay_window_s']:.1f} s "
-        "so that the jobs arriving in the busiest tenth of the window ask for "
+        f"so that the jobs arriving in the busiest {parameters['peak_window_fraction']:.0%} of "
+        "the window request "
         f"{parameters['peak_demand']:g} x the pool's GPU time (expected attempts = slots / "
         f"acceptance, times the mean service time); over the whole window demand is "
         f"{parameters['average_demand']:.2f} x the pool. Tiers are mixed "
@@ -580,13 +650,18 @@ def render_markdown(results: dict[str, Any]) -> str:
         "is the share of admitted jobs that completed every slot within their deadline. Max "
         "RSS is the largest resident set of each process kind, sampled every second with "
         "psutil; memory counts as growing when the last quarter of a run averages more than "
-        f"{RSS_GROWTH_FRACTION:.0%} + {RSS_GROWTH_MB:g} MB above the first quarter.",
+        f"{RSS_GROWTH_FRACTION:.0%} + {RSS_GROWTH_MB:g} MB above the first quarter. Claim "
+        "wait runs from a worker's claim record to the attempt's start: the slot is taken "
+        "but the GPU idle while the coordinator grants the lease. The claim idle share sums "
+        "those waits over the slot time while backlogged, an estimate of the idle time "
+        "claims explain.",
     ]
     for paragraph in paragraphs:
         lines += [_wrap(paragraph), ""]
 
     lines += ["| policy | GPU busy while backlogged | backlogged (s) | max waiting attempts "
-              "| memory flat | load avg |", "| --- | --- | --- | --- | --- | --- |"]
+              "| claim wait p50 / p99 (s) | claim idle share (est.) | memory flat | load avg |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for policy in POLICIES:
         item = results["results"].get(policy)
         if item is None:
@@ -594,6 +669,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {policy} | {_number(item['gpu_busy_fraction_while_backlogged'], 3)} "
                      f"| {_number(item['backlogged_s'], 1)} "
                      f"| {_number(item['max_waiting_attempts'], 0)} "
+                     f"| {_number(item.get('claim_wait_p50_s'), 3)} / "
+                     f"{_number(item.get('claim_wait_p99_s'), 3)} "
+                     f"| {_number(item.get('claim_idle_share_estimate'), 3)} "
                      f"| {'yes' if item['memory_flat'] else 'no'} "
                      f"| {_number(item.get('load_average_1m'), 1)} |")
     lines += ["", "| policy | tier | jobs | admitted | rejected | downgraded | completed "

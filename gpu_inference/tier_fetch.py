@@ -8,12 +8,14 @@ by the records the worker takes.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import logging
 import time
 
 from aiokafka import ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 
 from gpu_inference.offsets import FlowControlledConsumer
 from gpu_inference.tier_policy import TierObservation, TierPolicyName, TierScheduler
@@ -40,7 +42,15 @@ class TierFetchPlanner:
         self._queued: dict[Tier, int] = {tier: 0 for tier in Tier}
         self._measured_at = float("-inf")
         self._measured_partitions: frozenset[TopicPartition] = frozenset()
+        self._refresh: asyncio.Task[None] | None = None
         self._last_reason = ""
+
+    async def close(self) -> None:
+        """Cancel a refresh still running; call before the consumer stops."""
+        if self._refresh is not None and not self._refresh.done():
+            self._refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresh
 
     async def topics_for_fetch(self) -> set[str] | None:
         """Return the topics to fetch from next, or None for every topic (``fifo``)."""
@@ -53,10 +63,15 @@ class TierFetchPlanner:
             # the poll only joins the group, and new partitions arrive paused.
             return set()
         now_s = time.monotonic()
-        if partitions != self._measured_partitions or now_s - self._measured_at >= self.refresh_s:
+        if partitions != self._measured_partitions:
             await self._measure(partitions)
             self._measured_at = now_s
             self._measured_partitions = partitions
+        elif now_s - self._measured_at >= self.refresh_s and (
+                self._refresh is None or self._refresh.done()):
+            # A routine refresh runs beside the fetch, so a free slot never waits for it.
+            self._measured_at = now_s
+            self._refresh = asyncio.create_task(self._measure(partitions))
         buffered = self.fetcher.buffered()
         observations = {
             tier: TierObservation(queued=self._queued[tier] + sum(
@@ -85,7 +100,7 @@ class TierFetchPlanner:
         consumer = self.fetcher.consumer
         try:
             ends: dict[TopicPartition, int] = await consumer.end_offsets(list(partitions))
-        except KafkaError as err:
+        except (KafkaError, IllegalStateError) as err:
             # The last depths stay in use; the next fetch measures again.
             logger.warning("Failed to read end offsets of %d attempts partitions: %s",
                            len(partitions), err)

@@ -219,6 +219,9 @@ class GpuWorker:
         )
         # Running attempts by attempt id; a redelivered record joins the attempt already running.
         self._running: dict[str, _Attempt] = {}
+        # Running attempts whose generation ended and whose events are being published;
+        # their slots already take new attempts.
+        self._publishing: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         # Attempts cancelled before this worker took them, oldest first, bounded.
         self._cancelled_queued: dict[tuple[str, int], None] = {}
@@ -256,6 +259,7 @@ class GpuWorker:
                     try:
                         await self._consume(stop)
                     finally:
+                        await self.tier_planner.close()
                         await self._send_status(stopping=True)
                         await self._commit_and_flush()
                         for task in background:
@@ -331,7 +335,7 @@ class GpuWorker:
     async def _send_status(self, *, stopping: bool) -> None:
         warm = getattr(self.runner, "warm_models", None)
         status = WorkerStatus(
-            worker_id=self.worker_id, slots=self.slots, busy=len(self._running),
+            worker_id=self.worker_id, slots=self.slots, busy=self._busy_slots(),
             warm_models=list(warm()) if callable(warm) else [], stopping=stopping,
         )
         try:
@@ -373,7 +377,7 @@ class GpuWorker:
     async def _consume(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as attempts:
             while not stop.is_set():
-                free = self.slots - len(self._running)
+                free = self.slots - self._busy_slots()
                 topics = await self.tier_planner.topics_for_fetch() if free > 0 else None
                 records = await self.fetcher.fetch(free, stop, topics=topics)
                 self.tier_planner.taken(records)
@@ -381,6 +385,9 @@ class GpuWorker:
                     await self._take(record, attempts)
                 await self.fetcher.commit()
             await self._drain()
+
+    def _busy_slots(self) -> int:
+        return len(self._running) - len(self._publishing)
 
     async def _drain(self) -> None:
         """Give running attempts the grace period, then cancel the rest through their flags."""
@@ -489,6 +496,7 @@ class GpuWorker:
             raise
         finally:
             self._running.pop(event.attempt_id, None)
+            self._publishing.discard(event.attempt_id)
             self.fetcher.wake()
         for record in attempt.records:
             self.fetcher.finish(record)
@@ -509,6 +517,10 @@ class GpuWorker:
 
     async def _run_claimed(self, attempt: _Attempt, span: Span, headers: Headers) -> None:
         outcome = await self._generate(attempt, headers)
+        # The GPU is done with this attempt, so its slot may fetch the next one while the
+        # outcome is published; the record is still committed only after publishing.
+        self._publishing.add(attempt.event.attempt_id)
+        self.fetcher.wake()
         span.set_attribute("slotforge.gpu_s", outcome.gpu_s)
         span.set_attribute("slotforge.batch_size", attempt.batch_size)
         span.set_attribute("slotforge.status", outcome.status.value)

@@ -67,7 +67,7 @@ def test_window_puts_peak_at_requested_demand() -> None:
     window_s = overload.peak_demand_window_s(rows, config)
     scaled = overload.compress_trace(rows, window_s)
 
-    # Uniform arrivals: the busiest tenth contains 10 jobs of 1 GPU second each.
+    # Uniform arrivals of jobs of 1 GPU second each: the busiest stretch requests 3 x 2 slots.
     width = scaled[-1].arrival_s * overload.PEAK_WINDOW_FRACTION
     inside = sum(1 for row in scaled if row.arrival_s < width)
     assert inside / width == pytest.approx(3.0 * 2, rel=0.12)
