@@ -154,7 +154,7 @@ def test_render_lists_both_policies(tmp_path: Path) -> None:
                   "parameters": {"workers": 1, "slots_per_worker": 1, "pool_slots": 1,
                                  "p50_service_s": 1.0, "sigma": 0.5, "mean_service_s": 1.1,
                                  "acceptance": 0.8, "max_slots": 4, "peak_demand": 3.0,
-                                 "average_demand": 1.5,
+                                 "average_demand": 1.5, "peak_window_fraction": 0.25,
                                  "deadlines_s": {"interactive": 30.0}},
                   "load_average_1m_end": 1.0, "wall_s": 60.0, "reproduce": "x"}})
     assert "| none | 0.970 |" in page
