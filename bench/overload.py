@@ -97,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="probability that post-processing accepts one simulated image")
     parser.add_argument("--max-slots", type=int, default=4,
                         help="cap on the trace's images per request (the job's K)")
-    parser.add_argument("--deadlines", type=str, default="interactive=20,standard=45,batch=120",
+    parser.add_argument("--deadlines", type=str, default="interactive=20,standard=30,batch=60",
                         help="deadline of each tier, in seconds")
     parser.add_argument("--steps", type=int, default=10,
                         help="denoising steps of every job; the simulated time does not "

@@ -1,6 +1,6 @@
 """Feed a worker's tier policy with queue depths measured on its own partitions.
 
-Each measurement asks the broker for the end offsets of the worker's assigned
+Each measurement requests the end offsets of the worker's assigned
 ``attempts.<tier>`` partitions and subtracts the consumer's positions, so paused partitions
 are measured without fetching their records. Between measurements the depths are lowered
 by the records the worker takes.
@@ -69,7 +69,7 @@ class TierFetchPlanner:
             self._measured_partitions = partitions
         elif now_s - self._measured_at >= self.refresh_s and (
                 self._refresh is None or self._refresh.done()):
-            # A routine refresh runs beside the fetch, so a free slot never waits for it.
+            # A routine refresh runs beside the fetch, so a free slot does not wait for it.
             self._measured_at = now_s
             self._refresh = asyncio.create_task(self._measure(partitions))
         buffered = self.fetcher.buffered()
