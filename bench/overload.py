@@ -366,8 +366,7 @@ def _run_policy(bootstrap_servers: str, config: OverloadConfig, policy: str,
         pipeline.check_alive()
     metrics = policy_metrics(schedule, outcomes, log, dispatched,
                              config.workers * config.worker_slots)
-    metrics.update(claim_metrics(log, claims, config.workers * config.worker_slots,
-                                 metrics["backlogged_s"]))
+    metrics.update(claim_metrics(log, claims))
     metrics["max_rss_mb"] = {kind: item["max_rss_mb"] for kind, item in
                              sampler.summary().items()}
     metrics["rss"] = sampler.summary()
@@ -465,21 +464,17 @@ async def read_claims(kafka: KafkaSettings, job_ids: set[str]
     return found
 
 
-def claim_metrics(log: AttemptLog, claims: dict[tuple[str, int, str], float], slots: int,
-                  backlogged_s: float) -> dict[str, float | None]:
-    """Time from a worker's claim to the attempt's start, while its slot held no work.
+def claim_metrics(log: AttemptLog, claims: dict[tuple[str, int, str], float]
+                  ) -> dict[str, float | None]:
+    """Time from a worker's claim to the attempt's start.
 
-    The share is an estimate of the idle slot time that claims explain: every claim's wait
-    over the slot time while backlogged, whether or not the claim fell inside a backlog.
+    It covers the coordinator's grant and, for an attempt claimed ahead, the wait for a
+    free slot.
     """
     waits = [started.started_at.timestamp() - claims[key] for started in log.started
              if (key := (started.attempt_id, started.epoch, started.worker_id)) in claims]
-    return {
-        "claim_wait_p50_s": percentile(waits, 50),
-        "claim_wait_p99_s": percentile(waits, 99),
-        "claim_idle_share_estimate": (sum(waits) / (slots * backlogged_s)
-                                      if backlogged_s else None),
-    }
+    return {"claim_to_start_p50_s": percentile(waits, 50),
+            "claim_to_start_p99_s": percentile(waits, 99)}
 
 
 # ---- metrics ----------------------------------------------------------------------------------
@@ -651,17 +646,16 @@ def render_markdown(results: dict[str, Any]) -> str:
         "RSS is the largest resident set of each process kind, sampled every second with "
         "psutil; memory counts as growing when the last quarter of a run averages more than "
         f"{RSS_GROWTH_FRACTION:.0%} + {RSS_GROWTH_MB:g} MB above the first quarter. Claim "
-        "wait runs from a worker's claim record to the attempt's start: the slot is taken "
-        "but the GPU idle while the coordinator grants the lease. The claim idle share sums "
-        "those waits over the slot time while backlogged, an estimate of the idle time "
-        "claims explain.",
+        "to start runs from a worker's claim record to the attempt's start: the "
+        "coordinator's grant, plus the wait for a free slot of an attempt claimed ahead "
+        "(workers claim one attempt beyond their slots).",
     ]
     for paragraph in paragraphs:
         lines += [_wrap(paragraph), ""]
 
     lines += ["| policy | GPU busy while backlogged | backlogged (s) | max waiting attempts "
-              "| claim wait p50 / p99 (s) | claim idle share (est.) | memory flat | load avg |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| claim to start p50 / p99 (s) | memory flat | load avg |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for policy in POLICIES:
         item = results["results"].get(policy)
         if item is None:
@@ -669,9 +663,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {policy} | {_number(item['gpu_busy_fraction_while_backlogged'], 3)} "
                      f"| {_number(item['backlogged_s'], 1)} "
                      f"| {_number(item['max_waiting_attempts'], 0)} "
-                     f"| {_number(item.get('claim_wait_p50_s'), 3)} / "
-                     f"{_number(item.get('claim_wait_p99_s'), 3)} "
-                     f"| {_number(item.get('claim_idle_share_estimate'), 3)} "
+                     f"| {_number(item.get('claim_to_start_p50_s'), 3)} / "
+                     f"{_number(item.get('claim_to_start_p99_s'), 3)} "
                      f"| {'yes' if item['memory_flat'] else 'no'} "
                      f"| {_number(item.get('load_average_1m'), 1)} |")
     lines += ["", "| policy | tier | jobs | admitted | rejected | downgraded | completed "

@@ -1,8 +1,9 @@
 """GPU worker service: runs dispatched attempts in a fixed number of slots.
 
 The worker consumes ``attempts.<tier>`` for every tier in one consumer group and fetches only
-while a slot is free, from the tiers its tier policy (``gpu_inference.tier_policy``) chooses;
-the other tiers' partitions stay paused. For each attempt it publishes ``attempt.started``, ``attempt.progress``
+while a slot is free, or while fewer than ``claim_ahead`` claimed attempts wait for one. It
+fetches from the tiers its tier policy (``gpu_inference.tier_policy``) chooses, and the other
+tiers' partitions stay paused. For each attempt it publishes ``attempt.started``, ``attempt.progress``
 heartbeats and ``attempt.finished`` to the coordinator events topic, keyed by the job key.
 Before it runs an attempt it claims it and waits for the coordinator's grant on the control
 topic, which it follows from every partition; a cancellation there stops the attempt at
@@ -194,7 +195,8 @@ class GpuWorker:
 
         self.producer: AIOKafkaProducer = make_producer(settings.kafka)
         self.fetcher = FlowControlledConsumer(
-            make_consumer(settings.kafka, group_id=self.group_id, max_poll_records=self.slots),
+            make_consumer(settings.kafka, group_id=self.group_id,
+                          max_poll_records=self.slots + settings.worker.claim_ahead),
             self.group_id,
         )
         worker_settings = settings.worker
@@ -219,9 +221,11 @@ class GpuWorker:
         )
         # Running attempts by attempt id; a redelivered record joins the attempt already running.
         self._running: dict[str, _Attempt] = {}
-        # Running attempts whose generation ended and whose events are being published;
-        # their slots already take new attempts.
-        self._publishing: set[str] = set()
+        # Attempts generating at once. Up to claim_ahead more are fetched and claimed while
+        # every slot is busy, so a freed slot starts the next attempt without waiting for
+        # the fetch and the claim round trip.
+        self._gpu_slots = asyncio.Semaphore(self.slots)
+        self.claim_ahead = settings.worker.claim_ahead
         self._tasks: set[asyncio.Task[None]] = set()
         # Attempts cancelled before this worker took them, oldest first, bounded.
         self._cancelled_queued: dict[tuple[str, int], None] = {}
@@ -335,7 +339,8 @@ class GpuWorker:
     async def _send_status(self, *, stopping: bool) -> None:
         warm = getattr(self.runner, "warm_models", None)
         status = WorkerStatus(
-            worker_id=self.worker_id, slots=self.slots, busy=self._busy_slots(),
+            worker_id=self.worker_id, slots=self.slots,
+            busy=min(self.slots, self._busy_slots()),
             warm_models=list(warm()) if callable(warm) else [], stopping=stopping,
         )
         try:
@@ -377,7 +382,7 @@ class GpuWorker:
     async def _consume(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as attempts:
             while not stop.is_set():
-                free = self.slots - self._busy_slots()
+                free = self.slots + self.claim_ahead - self._busy_slots()
                 topics = await self.tier_planner.topics_for_fetch() if free > 0 else None
                 records = await self.fetcher.fetch(free, stop, topics=topics)
                 self.tier_planner.taken(records)
@@ -387,7 +392,7 @@ class GpuWorker:
             await self._drain()
 
     def _busy_slots(self) -> int:
-        return len(self._running) - len(self._publishing)
+        return len(self._running)
 
     async def _drain(self) -> None:
         """Give running attempts the grace period, then cancel the rest through their flags."""
@@ -496,7 +501,6 @@ class GpuWorker:
             raise
         finally:
             self._running.pop(event.attempt_id, None)
-            self._publishing.discard(event.attempt_id)
             self.fetcher.wake()
         for record in attempt.records:
             self.fetcher.finish(record)
@@ -504,8 +508,6 @@ class GpuWorker:
     async def _claim_and_run(self, attempt: _Attempt, span: Span, headers: Headers) -> None:
         event = attempt.event
         if event.deadline_at > utc_now():
-            # NOTE: the slot holds no work during the claim round trip; on a loaded 2-core
-            # machine that is most of the GPU's idle time in the overload benchmark.
             decision = await self._claim(attempt, event.deadline_at.timestamp())
             if decision is None or not decision.granted:
                 reason = decision.reason if decision is not None else "no claim decision"
@@ -518,17 +520,29 @@ class GpuWorker:
         await self._run_claimed(attempt, span, headers)
 
     async def _run_claimed(self, attempt: _Attempt, span: Span, headers: Headers) -> None:
-        outcome = await self._generate(attempt, headers)
-        # The GPU is done with this attempt, so its slot may fetch the next one while the
-        # outcome is published. The record is still committed only after publishing.
-        self._publishing.add(attempt.event.attempt_id)
-        self.fetcher.wake()
-        span.set_attribute("slotforge.gpu_s", outcome.gpu_s)
-        span.set_attribute("slotforge.batch_size", attempt.batch_size)
-        span.set_attribute("slotforge.status", outcome.status.value)
-        if outcome.status is not AttemptStatus.SUCCEEDED:
-            span.set_status(StatusCode.ERROR, outcome.error or outcome.status.value)
-        await self._publish_finished(attempt, outcome, headers)
+        # Claimed-ahead attempts wait here for a GPU slot. attempt.started goes out only
+        # once they hold one, so the coordinator judges their progress from then on. The
+        # slot is released once attempt.finished is queued in the producer, so the next
+        # attempt's events follow it on the partition.
+        await self._gpu_slots.acquire()
+        released = False
+
+        def release_slot() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._gpu_slots.release()
+
+        try:
+            outcome = await self._generate(attempt, headers)
+            span.set_attribute("slotforge.gpu_s", outcome.gpu_s)
+            span.set_attribute("slotforge.batch_size", attempt.batch_size)
+            span.set_attribute("slotforge.status", outcome.status.value)
+            if outcome.status is not AttemptStatus.SUCCEEDED:
+                span.set_status(StatusCode.ERROR, outcome.error or outcome.status.value)
+            await self._publish_finished(attempt, outcome, headers, on_queued=release_slot)
+        finally:
+            release_slot()
 
     async def _generate(self, attempt: _Attempt, headers: Headers) -> _Outcome:
         event = attempt.event
@@ -715,8 +729,11 @@ class GpuWorker:
             await self._send_coordinator(heartbeat, event.job_key, headers, wait=False)
 
     async def _publish_finished(
-        self, attempt: _Attempt, outcome: _Outcome, headers: Headers
+        self, attempt: _Attempt, outcome: _Outcome, headers: Headers,
+        on_queued: Callable[[], None] | None = None,
     ) -> None:
+        """Publish the attempt's outcome, calling ``on_queued`` once the records are queued
+        in the producer and before their acknowledgements arrive."""
         event = attempt.event
         finished = AttemptFinished(
             attempt_id=event.attempt_id,
@@ -732,17 +749,17 @@ class GpuWorker:
             error=outcome.error,
             retriable=outcome.retriable,
         )
-        sends = [self._send_coordinator(finished, event.job_key, headers, wait=True)]
+        value = encode_event(finished)
+        deliveries = [await self.producer.send(self.topics.coordinator_events, value,
+                                               key=event.job_key.encode("utf-8"),
+                                               headers=headers)]
         if outcome.status is AttemptStatus.SUCCEEDED:
-            sends.append(
-                self.producer.send_and_wait(
-                    self.topics.generated,
-                    encode_event(finished),
-                    key=event.attempt_id.encode("utf-8"),
-                    headers=headers,
-                )
-            )
-        await asyncio.gather(*sends)
+            deliveries.append(await self.producer.send(
+                self.topics.generated, value, key=event.attempt_id.encode("utf-8"),
+                headers=headers))
+        if on_queued is not None:
+            on_queued()
+        await asyncio.gather(*deliveries)
         logger.info(
             "Finished attempt %s of job %s: %s in %.2f s%s",
             event.attempt_id,

@@ -155,6 +155,9 @@ class WorkerSettings(BaseModel):
     # Shares of the weighted policy, by tier name.
     tier_weights: dict[Literal["interactive", "standard", "batch"], float] = Field(
         default_factory=lambda: {"interactive": 6.0, "standard": 3.0, "batch": 1.0})
+    # Attempts fetched and claimed beyond the slots while all of them are busy, so a freed
+    # slot starts at once. The claim's lease runs while the attempt waits for a slot.
+    claim_ahead: int = Field(default=1, ge=0, le=64)
     # Seconds between measurements of the queued attempts per tier (end offsets).
     tier_refresh_s: float = Field(default=0.2, gt=0)
 
