@@ -1,10 +1,10 @@
 """Overload: admission control and tier policy against admit-everything FIFO at 3x peak demand.
 
 One local broker serves both runs. Each run starts fresh pipeline processes (coordinator,
-post-processing, GPU workers with the simulated lognormal GPU) on its own topic prefix and
-replays the same jobs: the densest window of the Alibaba trace, time-scaled so the busiest
-quarter of the window requests three times the pool's GPU time, with tiers mixed 20/50/30
-(interactive/standard/batch). ``none`` admits every job and lets workers take attempts in
+post-processing, GPU workers with the simulated lognormal GPU) on its own topic prefix.
+Both replay the same jobs: the densest window of the Alibaba trace, time-scaled so the
+busiest quarter of the window requests three times the pool's GPU time, with tiers mixed
+20/50/30 (interactive/standard/batch). ``none`` admits every job and lets workers take attempts in
 fetch order; ``admission`` runs the coordinator's admission control and the workers'
 strict-priority tier policy with aging. The RSS of every process is sampled each second.
 """
