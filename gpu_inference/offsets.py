@@ -7,9 +7,10 @@ partition only up to its oldest unfinished record, or a crash would skip that re
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from aiokafka import (
@@ -140,6 +141,12 @@ class FlowControlledConsumer:
         self.tracker = OffsetTracker()
         self._backlog: deque[ConsumerRecord[bytes, bytes]] = deque()
         self._full = False
+        # Topics a tier policy allows fetching from; None allows every assigned topic.
+        self._allowed: set[str] | None = None
+        # Called with the partitions this member gains, and with those it gave up after
+        # their in-flight records finished or the grace period ran out.
+        self.assigned_hooks: list[Callable[[set[TopicPartition]], None]] = []
+        self.revoked_hooks: list[Callable[[set[TopicPartition]], None]] = []
         self._wake = asyncio.Event()
         self._finished = asyncio.Event()
 
@@ -166,21 +173,37 @@ class FlowControlledConsumer:
             to_pause = assigned - self.consumer.paused()
             if to_pause:
                 self.consumer.pause(*to_pause)
-        elif self._full:
-            paused = self.consumer.paused() & assigned
-            if paused:
-                self.consumer.resume(*paused)
+        else:
+            self._apply_allowed(assigned)
         self._full = full
 
+    def _apply_allowed(self, assigned: set[TopicPartition]) -> None:
+        """Resume the partitions of allowed topics and pause the others."""
+        paused = self.consumer.paused() & assigned
+        wanted = {tp for tp in assigned if self._allowed is None or tp.topic in self._allowed}
+        to_resume = paused & wanted
+        to_pause = (assigned - wanted) - paused
+        if to_resume:
+            self.consumer.resume(*to_resume)
+        if to_pause:
+            self.consumer.pause(*to_pause)
+
+    def buffered(self) -> collections.Counter[str]:
+        """Count records fetched but not yet started, by topic."""
+        return collections.Counter(record.topic for record in self._backlog)
+
     async def fetch(
-        self, free: int, stop: asyncio.Event, timeout_ms: int = 500
+        self, free: int, stop: asyncio.Event, timeout_ms: int = 500,
+        topics: set[str] | None = None,
     ) -> list[ConsumerRecord[bytes, bytes]]:
         """Return at most ``free`` records to start; an empty list when none arrived in time.
 
         With ``free`` at 0 it pauses every assigned partition and waits until ``wake`` or
-        ``stop`` is set, or ``IDLE_POLL_S`` passes.
+        ``stop`` is set, or ``IDLE_POLL_S`` passes. ``topics`` limits the fetch to those
+        topics' partitions and pauses the rest; None fetches from every assigned topic.
         """
         self._wake.clear()
+        self._allowed = topics
         if free <= 0:
             self._set_full(True)
             waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
@@ -196,12 +219,21 @@ class FlowControlledConsumer:
             return []
 
         self._set_full(False)
-        if not self._backlog:
+        if not any(self._allows(record) for record in self._backlog):
             self._keep(await self.consumer.getmany(timeout_ms=timeout_ms, max_records=free))
         records: list[ConsumerRecord[bytes, bytes]] = []
-        while self._backlog and len(records) < free:
-            records.append(self._backlog.popleft())
+        kept: deque[ConsumerRecord[bytes, bytes]] = deque()
+        while self._backlog:
+            record = self._backlog.popleft()
+            if len(records) < free and self._allows(record):
+                records.append(record)
+            else:
+                kept.append(record)
+        self._backlog = kept
         return records
+
+    def _allows(self, record: ConsumerRecord[bytes, bytes]) -> bool:
+        return self._allowed is None or record.topic in self._allowed
 
     def _keep(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
         # Records beyond the free capacity wait here; fetching stops until they are taken.
@@ -236,6 +268,8 @@ class FlowControlledConsumer:
                 self.revoke_grace_s,
             )
         self.tracker.forget(revoked)
+        for hook in self.revoked_hooks:
+            hook(revoked)
 
     async def _wait_for_in_flight(self, partitions: set[TopicPartition], timeout_s: float) -> None:
         running = sum(self.tracker.in_flight(partition) for partition in partitions)
@@ -264,8 +298,14 @@ class FlowControlledConsumer:
             self.group_id,
             ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(assigned)) or "none",
         )
+        for hook in self.assigned_hooks:
+            hook(assigned)
         if self._full and assigned:
             self.consumer.pause(*assigned)
+        elif self._allowed is not None:
+            excluded = {tp for tp in assigned if tp.topic not in self._allowed}
+            if excluded:
+                self.consumer.pause(*excluded)
 
 
 class _FlowControlListener(ConsumerRebalanceListener):

@@ -5,6 +5,13 @@ It consumes the generated topic in its own consumer group, scores at most
 ``result.scored`` per image to the coordinator events topic, keyed by the job key. An image
 that is missing or unreadable gets a rejection with the reason, not a crash.
 
+With ``postprocess.moderation_url`` set, each accepted image also goes to an external
+moderation API, at most ``moderation_rate_per_s`` requests per second across all
+post-processing processes (``streams.rate_limit``). A transient failure of that call sends
+the record through a delay topic (``streams.retry``) to be scored again; after
+``retry.max_retries_per_attempt`` retries it goes to the dead-letter topic and the image is
+rejected with the error. A permanent failure rejects the image at once with the reason.
+
 Run it with ``python -m gpu_inference.postprocess``.
 """
 
@@ -15,18 +22,28 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from aiokafka import ConsumerRecord
+import aiohttp
+from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from opentelemetry.trace import SpanKind, StatusCode
 
 from gpu_inference.artifacts import ArtifactError, ArtifactStore
+from gpu_inference.moderation import moderate
 from gpu_inference.offsets import FlowControlledConsumer, commit_and_flush
 from gpu_inference.scoring import InvalidImageError, judge, score_png
-from schemas.errors import EventDecodeError
+from schemas.errors import EventDecodeError, PermanentError, TransientError
 from schemas.events import AttemptFinished, AttemptStatus, ResultScored, decode_event, encode_event
 from streams.config import Settings, load_settings
-from streams.kafka import make_consumer, make_producer, send_to_deadletter, stop_consumer
+from streams.kafka import (
+    make_consumer,
+    make_producer,
+    send_to_deadletter,
+    stop_consumer,
+    topic_partitions,
+)
 from streams.metrics import lag_routine
+from streams.rate_limit import PartitionRateLimiter
+from streams.retry import BackoffPolicy, retry_level, retry_number, send_retry
 from streams.service import serve
 from streams.tracing import Tracing, extract_context, inject_headers, stage_span
 
@@ -85,6 +102,23 @@ class Postprocessor:
             max_workers=self.concurrency, thread_name_prefix="postprocess"
         )
         self._in_flight = 0
+        retry = settings.retry
+        self.backoff = BackoffPolicy(retry.base_s, retry.max_s, retry.jitter)
+        self.moderation_url = settings.postprocess.moderation_url
+        self.limiter: PartitionRateLimiter | None = None
+        self.session: aiohttp.ClientSession | None = None
+
+    async def _start_moderation(self) -> None:
+        """Split the moderation rate over the generated topic's partitions."""
+        partitions = await topic_partitions(self.settings.kafka, self.topics.generated)
+        rate = self.settings.postprocess.moderation_rate_per_s
+        self.limiter = PartitionRateLimiter(rate, max(1, len(partitions)))
+        self.fetcher.assigned_hooks.append(self.limiter.assigned)
+        self.fetcher.revoked_hooks.append(self.limiter.revoked)
+        timeout = aiohttp.ClientTimeout(total=self.settings.postprocess.moderation_timeout_s)
+        self.session = aiohttp.ClientSession(timeout=timeout)
+        logger.info("Moderating accepted images at %s, at most %.2f requests/s over %d "
+                    "partitions", self.moderation_url, rate, len(partitions))
 
     async def run(self, stop: asyncio.Event) -> None:
         logger.info(
@@ -95,6 +129,8 @@ class Postprocessor:
             self.topics.generated,
         )
         self.fetcher.subscribe([self.topics.generated])
+        if self.moderation_url:
+            await self._start_moderation()
         await self.producer.start()
         try:
             await self.fetcher.consumer.start()
@@ -116,6 +152,8 @@ class Postprocessor:
                 await stop_consumer(self.fetcher.consumer, self.group_id)
         finally:
             await self.producer.stop()
+            if self.session is not None:
+                await self.session.close()
             self.executor.shutdown(wait=False, cancel_futures=True)
             self.tracing.shutdown()
             logger.info("Stopped post-processing group %s", self.group_id)
@@ -174,6 +212,12 @@ class Postprocessor:
         ) as span:
             loop = asyncio.get_running_loop()
             verdict = await loop.run_in_executor(self.executor, self._judge_artifact, finished)
+            if verdict.accepted and self.moderation_url:
+                moderated = await self._moderate(finished, record, verdict)
+                if moderated is None:
+                    span.set_attribute("slotforge.attempt.outcome", "retrying")
+                    return
+                verdict = moderated
             span.set_attribute("slotforge.score", verdict.score)
             span.set_attribute("slotforge.accepted", verdict.accepted)
             span.set_attribute("slotforge.attempt.outcome",
@@ -201,6 +245,53 @@ class Postprocessor:
         logger.debug(
             "Scored attempt %s of job %s: %s", finished.attempt_id, finished.job_id, verdict.reason
         )
+
+    async def _moderate(self, finished: AttemptFinished, record: ConsumerRecord[bytes, bytes],
+                        verdict: _Verdict) -> _Verdict | None:
+        """Ask the moderation API about an accepted image; None when it goes to a retry."""
+        assert self.limiter is not None and self.session is not None
+        assert self.moderation_url is not None and finished.artifact_uri is not None
+        loop = asyncio.get_running_loop()
+        try:
+            png = await loop.run_in_executor(self.executor, self.store.read,
+                                             finished.artifact_uri)
+            await self.limiter.acquire(TopicPartition(record.topic, record.partition))
+            result = await moderate(self.session, self.moderation_url, finished, png)
+        except ArtifactError as err:
+            return _Verdict(0.0, False, f"artifact unusable: {err}", unusable=True)
+        except PermanentError as err:
+            logger.warning("Rejecting attempt %s of job %s: %s", finished.attempt_id,
+                           finished.job_id, err)
+            return _Verdict(verdict.score, False, f"moderation failed: {err}")
+        except TransientError as err:
+            if await self._retry_later(record, err):
+                return None
+            return _Verdict(verdict.score, False, f"moderation failed after "
+                            f"{self.settings.retry.max_retries_per_attempt} retries: {err}")
+        if result.flagged:
+            return _Verdict(verdict.score, False, f"flagged by moderation: {result.reason}")
+        return verdict
+
+    async def _retry_later(self, record: ConsumerRecord[bytes, bytes],
+                           error: TransientError) -> bool:
+        """Send the record through a delay topic; False when its retries are used up.
+
+        A record out of retries goes to the dead-letter topic with the error.
+        """
+        retry_no = retry_number(record.headers) + 1
+        if retry_no > self.settings.retry.max_retries_per_attempt:
+            await send_to_deadletter(self.producer, self.topics.deadletter, record,
+                                     self.group_id, error)
+            return False
+        delay_s = self.backoff.delay_s(retry_no)
+        await send_retry(self.producer, self.topics.retry(retry_level(retry_no)),
+                         key=record.key, value=record.value or b"", headers=record.headers,
+                         target_topic=record.topic, retry_no=retry_no, delay_s=delay_s,
+                         error_type=type(error).__name__)
+        logger.warning("Retrying record %s[%d]@%d in %.2f s (retry %d of %d): %s",
+                       record.topic, record.partition, record.offset, delay_s, retry_no,
+                       self.settings.retry.max_retries_per_attempt, error)
+        return True
 
     def _judge_artifact(self, finished: AttemptFinished) -> _Verdict:
         """Read and score the artifact; runs on the thread pool."""

@@ -1,7 +1,9 @@
 """GPU worker service: runs dispatched attempts in a fixed number of slots.
 
 The worker consumes ``attempts.<tier>`` for every tier in one consumer group and fetches only
-while a slot is free. For each attempt it publishes ``attempt.started``, ``attempt.progress``
+while a slot is free, or while fewer than ``claim_ahead`` claimed attempts wait for one. It
+fetches from the tiers its tier policy (``gpu_inference.tier_policy``) chooses, and the other
+tiers' partitions stay paused. For each attempt it publishes ``attempt.started``, ``attempt.progress``
 heartbeats and ``attempt.finished`` to the coordinator events topic, keyed by the job key.
 Before it runs an attempt it claims it and waits for the coordinator's grant on the control
 topic, which it follows from every partition; a cancellation there stops the attempt at
@@ -41,6 +43,8 @@ from gpu_inference.artifacts import ArtifactStore
 from gpu_inference.batching import Batcher, batch_key
 from gpu_inference.generation import GenerationCancelled, GenerationRequest, GenerationResult
 from gpu_inference.offsets import FlowControlledConsumer, commit_and_flush
+from gpu_inference.tier_fetch import TierFetchPlanner
+from gpu_inference.tier_policy import TierPolicyName, TierScheduler
 from schemas.errors import EventDecodeError
 from schemas.events import (
     AttemptCancel,
@@ -202,8 +206,21 @@ class GpuWorker:
 
         self.producer: AIOKafkaProducer = make_producer(settings.kafka)
         self.fetcher = FlowControlledConsumer(
-            make_consumer(settings.kafka, group_id=self.group_id, max_poll_records=self.slots),
+            make_consumer(settings.kafka, group_id=self.group_id,
+                          max_poll_records=self.slots + settings.worker.claim_ahead),
             self.group_id,
+        )
+        worker_settings = settings.worker
+        self.tier_planner = TierFetchPlanner(
+            self.fetcher,
+            {self.topics.attempts(tier): tier for tier in Tier},
+            TierScheduler(
+                TierPolicyName(worker_settings.tier_policy),
+                aging_s=worker_settings.tier_aging_s,
+                weights={Tier(name): weight
+                         for name, weight in worker_settings.tier_weights.items()},
+            ),
+            refresh_s=worker_settings.tier_refresh_s,
         )
         # Full batches leave fewer calls running than slots, so each thread gets more cores.
         concurrent_calls = -(-self.slots // self.batcher.max_batch_size)
@@ -215,6 +232,11 @@ class GpuWorker:
         )
         # Running attempts by attempt id; a redelivered record joins the attempt already running.
         self._running: dict[str, _Attempt] = {}
+        # Attempts generating at once. Up to claim_ahead more are fetched and claimed while
+        # every slot is busy, so a freed slot starts the next attempt without waiting for
+        # the fetch and the claim round trip.
+        self._gpu_slots = asyncio.Semaphore(self.slots)
+        self.claim_ahead = settings.worker.claim_ahead
         self._tasks: set[asyncio.Task[None]] = set()
         # Attempts cancelled before this worker took them, oldest first, bounded.
         self._cancelled_queued: dict[tuple[str, int], None] = {}
@@ -226,12 +248,13 @@ class GpuWorker:
     async def run(self, stop: asyncio.Event) -> None:
         topics = [self.topics.attempts(tier) for tier in Tier]
         logger.info(
-            "Starting GPU worker %s: group %s, %d slots, batches of up to %d, device %s, "
-            "model path %s, topics %s",
+            "Starting GPU worker %s: group %s, %d slots, batches of up to %d, tier policy %s, "
+            "device %s, model path %s, topics %s",
             self.worker_id,
             self.group_id,
             self.slots,
             self.batcher.max_batch_size,
+            self.settings.worker.tier_policy,
             self.runner.device,
             self.settings.worker.model_path or "none (random weights)",
             ", ".join(topics),
@@ -255,6 +278,7 @@ class GpuWorker:
                     try:
                         await self._consume(stop)
                     finally:
+                        await self.tier_planner.close()
                         await self._send_status(stopping=True)
                         await self._commit_and_flush()
                         for task in background:
@@ -334,7 +358,8 @@ class GpuWorker:
         SLOT_UTILIZATION.labels(self.group_id).set(min(1.0, len(self._running) / self.slots))
         warm = getattr(self.runner, "warm_models", None)
         status = WorkerStatus(
-            worker_id=self.worker_id, slots=self.slots, busy=len(self._running),
+            worker_id=self.worker_id, slots=self.slots,
+            busy=min(self.slots, self._busy_slots()),
             warm_models=list(warm())[-MAX_WARM_REPORTED:] if callable(warm) else [],
             stopping=stopping,
             partitions={} if stopping else self._assigned_partitions(),
@@ -388,11 +413,17 @@ class GpuWorker:
     async def _consume(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as attempts:
             while not stop.is_set():
-                free = self.slots - len(self._running)
-                for record in await self.fetcher.fetch(free, stop):
+                free = self.slots + self.claim_ahead - self._busy_slots()
+                topics = await self.tier_planner.topics_for_fetch() if free > 0 else None
+                records = await self.fetcher.fetch(free, stop, topics=topics)
+                self.tier_planner.taken(records)
+                for record in records:
                     await self._take(record, attempts)
                 await self.fetcher.commit()
             await self._drain()
+
+    def _busy_slots(self) -> int:
+        return len(self._running)
 
     async def _drain(self) -> None:
         """Give running attempts the grace period, then cancel the rest through their flags."""
@@ -533,15 +564,31 @@ class GpuWorker:
         await self._run_claimed(attempt, span, headers)
 
     async def _run_claimed(self, attempt: _Attempt, span: Span, headers: Headers) -> None:
-        outcome = await self._generate(attempt, headers)
-        span.set_attribute("slotforge.gpu_s", outcome.gpu_s)
-        span.set_attribute("slotforge.batch_size", attempt.batch_size)
-        span.set_attribute("slotforge.status", outcome.status.value)
-        if outcome.status is not AttemptStatus.SUCCEEDED:
-            # error.type is the OpenTelemetry attribute the failure queries group by.
-            span.set_attribute("error.type", outcome.error_type or outcome.status.value)
-            span.set_status(StatusCode.ERROR, outcome.error or outcome.status.value)
-        await self._publish_finished(attempt, outcome, headers)
+        # Claimed-ahead attempts wait here for a GPU slot. attempt.started goes out only
+        # once they hold one, so the coordinator judges their progress from then on. The
+        # slot is released once attempt.finished is queued in the producer, so the next
+        # attempt's events follow it on the partition.
+        await self._gpu_slots.acquire()
+        released = False
+
+        def release_slot() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._gpu_slots.release()
+
+        try:
+            outcome = await self._generate(attempt, headers)
+            span.set_attribute("slotforge.gpu_s", outcome.gpu_s)
+            span.set_attribute("slotforge.batch_size", attempt.batch_size)
+            span.set_attribute("slotforge.status", outcome.status.value)
+            if outcome.status is not AttemptStatus.SUCCEEDED:
+                # error.type is the OpenTelemetry attribute the failure queries group by.
+                span.set_attribute("error.type", outcome.error_type or outcome.status.value)
+                span.set_status(StatusCode.ERROR, outcome.error or outcome.status.value)
+            await self._publish_finished(attempt, outcome, headers, on_queued=release_slot)
+        finally:
+            release_slot()
 
     async def _generate(self, attempt: _Attempt, headers: Headers) -> _Outcome:
         event = attempt.event
@@ -735,8 +782,11 @@ class GpuWorker:
             await self._send_coordinator(heartbeat, event.job_key, headers, wait=False)
 
     async def _publish_finished(
-        self, attempt: _Attempt, outcome: _Outcome, headers: Headers
+        self, attempt: _Attempt, outcome: _Outcome, headers: Headers,
+        on_queued: Callable[[], None] | None = None,
     ) -> None:
+        """Publish the attempt's outcome, calling ``on_queued`` once the records are queued
+        in the producer and before their acknowledgements arrive."""
         event = attempt.event
         finished = AttemptFinished(
             attempt_id=event.attempt_id,
@@ -752,17 +802,17 @@ class GpuWorker:
             error=outcome.error,
             retriable=outcome.retriable,
         )
-        sends = [self._send_coordinator(finished, event.job_key, headers, wait=True)]
+        value = encode_event(finished)
+        deliveries = [await self.producer.send(self.topics.coordinator_events, value,
+                                               key=event.job_key.encode("utf-8"),
+                                               headers=headers)]
         if outcome.status is AttemptStatus.SUCCEEDED:
-            sends.append(
-                self.producer.send_and_wait(
-                    self.topics.generated,
-                    encode_event(finished),
-                    key=event.attempt_id.encode("utf-8"),
-                    headers=headers,
-                )
-            )
-        await asyncio.gather(*sends)
+            deliveries.append(await self.producer.send(
+                self.topics.generated, value, key=event.attempt_id.encode("utf-8"),
+                headers=headers))
+        if on_queued is not None:
+            on_queued()
+        await asyncio.gather(*deliveries)
         logger.info(
             "Finished attempt %s of job %s: %s in %.2f s%s",
             event.attempt_id,

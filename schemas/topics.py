@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from schemas.events import Tier
 
+# Delay topics ``retry.1`` to ``retry.N``: retry n waits in level min(n, N).
+RETRY_LEVELS = 4
+
 
 @dataclass(frozen=True)
 class TopicNames:
@@ -64,6 +67,12 @@ class TopicNames:
     def deadletter(self) -> str:
         return self._name("deadletter")
 
+    def retry(self, level: int) -> str:
+        """Delay topic of one retry level, from 1 to ``RETRY_LEVELS``."""
+        if not 1 <= level <= RETRY_LEVELS:
+            raise ValueError(f"retry level must be 1 to {RETRY_LEVELS}, got {level}")
+        return self._name(f"retry.{level}")
+
     @property
     def co_partitioned(self) -> list[str]:
         """Topics that must share the partition count of ``jobs_requested``."""
@@ -83,4 +92,5 @@ class TopicNames:
             self.worker_status,
             self.spans,
             self.deadletter,
+            *(self.retry(level) for level in range(1, RETRY_LEVELS + 1)),
         ]

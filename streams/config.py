@@ -157,12 +157,60 @@ class WorkerSettings(BaseModel):
     cpu_dtype: Literal["float32", "float64"] = "float32"
     cuda_memory_fraction: float = Field(default=0.9, gt=0, le=1)
     simulation: SimulationSettings = SimulationSettings()
+    # Order in which the worker takes attempts of the three tiers: strict priority with
+    # aging, weighted shares, or fifo (no tier preference).
+    tier_policy: Literal["strict", "weighted", "fifo"] = "strict"
+    # Seconds a queued tier may go unserved under strict priority before it gets a fetch.
+    tier_aging_s: float = Field(default=10.0, gt=0)
+    # Shares of the weighted policy, by tier name.
+    tier_weights: dict[Literal["interactive", "standard", "batch"], float] = Field(
+        default_factory=lambda: {"interactive": 6.0, "standard": 3.0, "batch": 1.0})
+    # Attempts fetched and claimed beyond the slots while all of them are busy, so a freed
+    # slot starts at once. The claim's lease runs while the attempt waits for a slot.
+    claim_ahead: int = Field(default=1, ge=0, le=64)
+    # Seconds between measurements of the queued attempts per tier (end offsets).
+    tier_refresh_s: float = Field(default=0.2, gt=0)
+
+    @model_validator(mode="after")
+    def _check_tier_weights(self) -> WorkerSettings:
+        bad = {tier: weight for tier, weight in self.tier_weights.items() if weight <= 0}
+        if bad:
+            raise ValueError(f"tier_weights must be positive, got {bad}")
+        return self
+
+
+class RetrySettings(BaseModel):
+    """Retries of transient failures through the delay topics."""
+
+    router_group_id: str = "slotforge-retry-router"
+    # Records the router fetches at once; waiting records stay in Kafka.
+    router_batch: int = Field(default=100, ge=1, le=10_000)
+    # Exponential backoff: retry n waits min(max_s, base_s * 2^(n-1)) times a factor
+    # drawn from [1 - jitter, 1].
+    base_s: float = Field(default=1.0, gt=0)
+    max_s: float = Field(default=60.0, gt=0)
+    jitter: float = Field(default=0.5, ge=0, lt=1)
+    # Retries of one attempt (or one post-processing record) after transient failures.
+    max_retries_per_attempt: int = Field(default=3, ge=0, le=100)
+    # Retries of all attempts of one job together; past it the job fails with the error.
+    max_retries_per_job: int = Field(default=8, ge=0, le=1_000)
+
+    @model_validator(mode="after")
+    def _check_backoff(self) -> RetrySettings:
+        if self.max_s < self.base_s:
+            raise ValueError(f"max_s ({self.max_s}) must not be below base_s ({self.base_s})")
+        return self
 
 
 class PostprocessSettings(BaseModel):
     group_id: str = "slotforge-postprocess"
     concurrency: int = Field(default=4, ge=1, le=256)
     accept_threshold: float = Field(default=0.49, ge=0.0, le=1.0)
+    # External moderation API for accepted images; unset skips moderation.
+    moderation_url: str | None = None
+    # Requests per second to the moderation API, shared by every post-processing process.
+    moderation_rate_per_s: float = Field(default=5.0, gt=0)
+    moderation_timeout_s: float = Field(default=10.0, gt=0)
 
 
 class ConsumerSettings(BaseModel):
@@ -218,6 +266,7 @@ class Settings(BaseSettings):
     coordinator: CoordinatorSettings = CoordinatorSettings()
     worker: WorkerSettings = WorkerSettings()
     postprocess: PostprocessSettings = PostprocessSettings()
+    retry: RetrySettings = RetrySettings()
     consumers: ConsumerSettings = ConsumerSettings()
     clickhouse: ClickHouseSettings = ClickHouseSettings()
     tracing: TracingSettings = TracingSettings()

@@ -47,6 +47,7 @@ from schemas.events import (
     decode_event,
     encode_event,
 )
+from schemas.topics import RETRY_LEVELS
 from streams.admission import AdmissionAction, AdmissionPolicy, PoolLoad, TenantQuotas
 from streams.admission import decide as decide_admission
 from streams.config import Settings, load_settings
@@ -71,6 +72,7 @@ from streams.metrics import (
 )
 from streams.liveness import LivenessTracker
 from streams.pool import PoolMonitor
+from streams.retry import BackoffPolicy, retry_headers, retry_level
 from streams.step_times import StepClass
 from streams.racing import AcceptanceEstimator, RacingPolicy
 from streams.service import start_exit_watchdog
@@ -144,7 +146,11 @@ class Coordinator:
             cache_ttl_s=config.cache_ttl_s,
             cache_max_entries=config.cache_max_entries,
             policy=RacingPolicy(config.racing_policy),
+            max_retries_per_attempt=settings.retry.max_retries_per_attempt,
+            max_retries_per_job=settings.retry.max_retries_per_job,
         )
+        self.backoff = BackoffPolicy(settings.retry.base_s, settings.retry.max_s,
+                                     settings.retry.jitter)
         self.acceptance = AcceptanceEstimator(prior_rate=config.acceptance_prior)
         self.pool = PoolMonitor(config.worker_status_ttl_s)
         self.liveness = LivenessTracker()
@@ -167,6 +173,8 @@ class Coordinator:
         self.control_topic = self._raw_topic(topics.control)
         self.deadletter_topic = self._raw_topic(topics.deadletter)
         self.attempt_topics = {tier: self._raw_topic(topics.attempts(tier)) for tier in Tier}
+        self.retry_topics = {level: self._raw_topic(topics.retry(level))
+                             for level in range(1, RETRY_LEVELS + 1)}
         self.flights = self.app.Table(
             "flights",
             partitions=partitions,
@@ -682,6 +690,8 @@ class Coordinator:
                         cancel.job_id, cancel.worker_id or "no worker yet", cancel.reason)
         for attempt in decision.dispatch:
             await self._send_attempt(flight, attempt)
+        for attempt, retry_no in decision.retry:
+            await self._send_retry(attempt, retry_no)
         for record, outcome in decision.outcomes:
             self._record_outcome(flight, record, outcome)
         for completed in decision.completed:
@@ -763,6 +773,19 @@ class Coordinator:
         self.pool.dispatched(attempt.attempt_id, attempt.tier)
         logger.debug("Dispatched attempt %s (epoch %d) of job %s",
                      attempt.attempt_id, attempt.epoch, attempt.job_id)
+
+    async def _send_retry(self, attempt: AttemptDispatched, retry_no: int) -> None:
+        """Dispatch an attempt again through a delay topic, after backoff with jitter."""
+        delay_s = self.backoff.delay_s(retry_no)
+        target = self.attempt_topics[attempt.tier].get_topic_name()
+        headers = retry_headers(None, target, retry_no, time.time() + delay_s, "attempt_failed")
+        await self.retry_topics[retry_level(retry_no)].send(
+            key=f"{attempt.attempt_id}:{attempt.epoch}".encode(), value=encode_event(attempt),
+            headers=headers)
+        self.pool.dispatched(attempt.attempt_id, attempt.tier)
+        logger.warning("Retrying attempt %s of job %s as epoch %d in %.2f s (retry %d of %d)",
+                       attempt.attempt_id, attempt.job_id, attempt.epoch, delay_s, retry_no,
+                       self.limits.max_retries_per_attempt)
 
     def _record_outcome(self, flight: FlightState, record: AttemptRecord, outcome: str) -> None:
         """Record one span per ended attempt, so SQL can sum GPU-seconds by outcome."""

@@ -123,6 +123,7 @@ def _start_services(processes: ProcessGroup, options: DemoOptions) -> None:
             "SLOTFORGE_WORKER__SLOTS": str(options.worker_slots),
         })
     processes.start("postprocess")
+    processes.start("retry-router")
     processes.start("delivery")
     processes.start("thumbnails")
 

@@ -57,6 +57,10 @@ class FlightLimits:
     cache_ttl_s: float = 3_600.0
     cache_max_entries: int = 16
     policy: RacingPolicy = RacingPolicy.ADAPTIVE
+    # Transient failures re-run the same attempt under a higher epoch, up to these limits.
+    # With 0 retries a failed attempt ends, and racing replaces it.
+    max_retries_per_attempt: int = 0
+    max_retries_per_job: int = 0
 
 
 @dataclass(frozen=True)
@@ -79,9 +83,13 @@ class Decision:
     delivered: list[JobDelivered] = field(default_factory=list)
     # Attempts that ended for good in this transition, with their outcome, for accounting.
     outcomes: list[tuple[AttemptRecord, str]] = field(default_factory=list)
+    # Attempts to run again after a transient failure, with their retry number; they go
+    # out through a delay topic.
+    retry: list[tuple[AttemptDispatched, int]] = field(default_factory=list)
 
     def extend(self, other: Decision) -> Decision:
         self.dispatch += other.dispatch
+        self.retry += other.retry
         self.cancel += other.cancel
         self.claims += other.claims
         self.completed += other.completed
@@ -108,6 +116,7 @@ class AttemptRecord(BaseModel):
     error: str | None = None
     cancel_reason: str | None = None
     used: bool = False
+    retries: int = 0
 
     @property
     def live(self) -> bool:
@@ -139,6 +148,7 @@ class JobRecord(BaseModel):
     # Acknowledgements of critical consumers: consumer name to (delivered, reason).
     acks: dict[str, tuple[bool, str]] = Field(default_factory=dict)
     delivery: Literal["delivered", "delivery_failed"] | None = None
+    retries: int = 0
 
     @property
     def running(self) -> bool:
@@ -374,10 +384,54 @@ class FlightState(BaseModel):
             return Decision()
 
         outcome = "cancelled" if event.status == AttemptStatus.CANCELLED else "failed"
+        record.error = event.error
+        job = self.jobs.get(record.job_id)
+        if outcome == "failed" and limits.max_retries_per_attempt > 0 and job is not None \
+                and job.running:
+            return self._on_failed(job, record, event, now, limits, pool)
         if record.phase != "cancelled":
             record.phase = outcome
-        record.error = event.error
         decision = Decision(outcomes=[(record.model_copy(), outcome)])
+        return decision.extend(self._settle(now, limits, pool))
+
+    def _on_failed(self, job: JobRecord, record: AttemptRecord, event: AttemptFinished,
+                   now: datetime, limits: FlightLimits, pool: PoolView) -> Decision:
+        """Retry a transient failure, or fail the job at once on a permanent one.
+
+        The worker set ``retriable`` from the error's type. A permanent error (invalid
+        parameters) fails every running job of the flight, since they share parameters.
+        """
+        error = f"{event.error_type}: {event.error}" if event.error_type else (event.error or "")
+        failed = record.model_copy(update={"phase": "failed"})
+        if not event.retriable:
+            record.phase = "failed"
+            decision = Decision(outcomes=[(failed, "failed")])
+            for other in self.live_attempts():
+                if other.phase in ("dispatched", "running"):
+                    decision.cancel.append(self._cancel(other, "job failed permanently"))
+            for running in self.running_jobs():
+                decision.completed.append(
+                    self._complete(running, now, f"permanent failure: {error}"[:2_000]))
+            return decision
+
+        if record.retries < limits.max_retries_per_attempt \
+                and job.retries < limits.max_retries_per_job:
+            record.retries += 1
+            job.retries += 1
+            record.epoch += 1
+            record.phase = "dispatched"
+            record.worker_id = None
+            record.lease_expires_at = None
+            record.dispatched_at = now
+            return Decision(outcomes=[(failed, "failed")],
+                            retry=[(self._dispatch_event(record, now), record.retries)])
+
+        record.phase = "failed"
+        decision = Decision(outcomes=[(failed, "failed")])
+        if job.retries >= limits.max_retries_per_job:
+            decision.completed.append(self._complete(
+                job, now, f"retry limit of {limits.max_retries_per_job} per job reached; "
+                f"last error {error}"[:2_000]))
         return decision.extend(self._settle(now, limits, pool))
 
     def on_scored(self, event: ResultScored, now: datetime, limits: FlightLimits,

@@ -21,6 +21,7 @@ SERVICES = {
     "thumbnails": "consumers.thumbnails",
     "webhook": "consumers.webhook",
     "span-sink": "consumers.span_sink",
+    "retry-router": "streams.retry",
 }
 
 
