@@ -472,8 +472,9 @@ class GpuWorker:
                 "slotforge.job.id": event.job_id,
                 "slotforge.attempt.id": event.attempt_id,
                 "slotforge.worker.id": self.worker_id,
-                # The attempts sharing this worker once this one starts, this one included.
-                "slotforge.pool.concurrency": len(self._running) + 1,
+                # The attempts sharing this worker's slots once this one starts, this one
+                # included. A claimed-ahead attempt waits for a slot, so the slots cap it.
+                "slotforge.pool.concurrency": min(self.slots, len(self._running) + 1),
             },
         )
 

@@ -147,7 +147,8 @@ def _gradient(seed: int) -> Image.Image:
 def _generated(settings: Settings, index: int) -> AttemptFinished:
     attempt_id = f"a{index}-{uuid.uuid4().hex[:12]}"
     job_id = uuid.uuid4().hex
-    uri = ArtifactStore(settings.artifact_dir).write_png(job_id, attempt_id, _gradient(index))
+    uri = ArtifactStore(settings.artifact_dir).write_png(job_id, attempt_id, _gradient(index),
+                                                           epoch=1)
     return AttemptFinished(attempt_id=attempt_id, job_id=job_id, job_key=f"acme:{job_id}",
                            worker_id="w", status=AttemptStatus.SUCCEEDED, slot=0,
                            artifact_uri=uri, gpu_s=0.1)
