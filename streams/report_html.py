@@ -47,7 +47,10 @@ STAGE_COLORS = {
     "admission": "#8c564b",
     "dispatch": "#e377c2",
     "queue_wait": "#ff7f0e",
+    "claim": "#ffbb78",
+    "model_load": "#98df8a",
     "generation": "#1f77b4",
+    "upload": "#aec7e8",
     "postprocess": "#2ca02c",
     "completion": "#17becf",
     "job": "#c7c7c7",
@@ -59,7 +62,7 @@ OTHER_COLOR = "#aaaaaa"
 OUTCOME_ORDER = ("accepted", "fallback", "rejected", "cancelled", "timed_out", "failed",
                  "unknown")
 PERCENTILE_COLORS = {"p50_ms": "#9ecae1", "p95_ms": "#4292c6", "p99_ms": "#08519c"}
-# Waterfalls of very large traces stay readable by keeping the longest spans.
+# Waterfalls of very large traces stay readable by keeping the attempts that ended last.
 MAX_WATERFALL_SPANS = 60
 
 
@@ -121,13 +124,33 @@ def _svg_data_uri(figure: Figure) -> str:
     return "data:image/svg+xml;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def _waterfall_spans(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return the spans to draw: every job-level span, then whole attempts, latest first.
+
+    The attempts that ended last held the job up, so their spans are kept whole, until
+    MAX_WATERFALL_SPANS rows are used.
+    """
+    if len(spans) <= MAX_WATERFALL_SPANS:
+        return spans
+    keep = {span["span_id"] for span in spans if not span["attempt_id"]}
+    by_attempt: dict[str, list[dict[str, Any]]] = {}
+    for span in spans:
+        if span["attempt_id"]:
+            by_attempt.setdefault(span["attempt_id"], []).append(span)
+    latest_first = sorted(
+        by_attempt.values(),
+        key=lambda group: -max(span["offset_ms"] + span["duration_ms"] for span in group),
+    )
+    for group in latest_first:
+        if len(keep) + len(group) > MAX_WATERFALL_SPANS:
+            break
+        keep.update(span["span_id"] for span in group)
+    return [span for span in spans if span["span_id"] in keep]
+
+
 def waterfall_chart(spans: list[dict[str, Any]], job: dict[str, Any]) -> str:
     """Draw one bar per span of the slowest job's trace, by offset from its first span."""
-    visible = spans
-    if len(spans) > MAX_WATERFALL_SPANS:
-        longest = sorted(spans, key=lambda span: -span["duration_ms"])[:MAX_WATERFALL_SPANS]
-        keep = {span["span_id"] for span in longest}
-        visible = [span for span in spans if span["span_id"] in keep]
+    visible = _waterfall_spans(spans)
 
     height = 1.2 + 0.32 * len(visible)
     figure, axes = plt.subplots(figsize=(10, height))
@@ -139,8 +162,9 @@ def waterfall_chart(spans: list[dict[str, Any]], job: dict[str, Any]) -> str:
             color=_stage_color(span["stage"]), edgecolor="#d62728" if failed else "none",
             linewidth=1.5, hatch="//" if failed else None,
         )
-        # Eight hex digits tell attempts of one job apart and keep the labels short.
-        detail = span["attempt_id"][:8] or span["service"]
+        # Attempt ids are "<job id>-<sequence>", so the sequence tells one job's attempts apart.
+        attempt_id = span["attempt_id"]
+        detail = f"attempt {attempt_id.rpartition('-')[2]}" if attempt_id else span["service"]
         if span["worker"]:
             detail += f" on {span['worker']}"
         labels.append(f"{span['stage'] or span['name']}  ({detail})")
@@ -339,8 +363,16 @@ def _slowest_job_section(data: PageData) -> str:
         f"Critical path: {html.escape(parts)}.</p>{chart}"
         '<p class="note">Hatched bars with a red edge are spans with status Error. '
         "Spans after the job span ended (delivery, thumbnails) are not part of its "
-        "duration.</p>"
+        f"duration.{_hidden_note(data.slowest_trace)}</p>"
     )
+
+
+def _hidden_note(spans: list[dict[str, Any]]) -> str:
+    hidden = len(spans) - len(_waterfall_spans(spans))
+    if hidden == 0:
+        return ""
+    return (f" The trace has {len(spans)} spans; {hidden} spans of the attempts that ended "
+            "first are left out.")
 
 
 def _stages_section(data: PageData) -> str:
