@@ -187,7 +187,13 @@ class PipelineRun:
 
     def __enter__(self) -> PipelineRun:
         shutil.rmtree(self.settings.artifact_dir, ignore_errors=True)
-        asyncio.run(_create_topics_with_leaders(self.settings.kafka, self.settings.topics.all))
+        # NOTE: on a fresh broker the coordinator has rejected its first requests with
+        # faust's PartitionsMismatch because the changelog of its table was not in its
+        # metadata yet, so the run creates that topic up front.
+        changelog = (f"{self.settings.kafka.topic_prefix}{self.settings.coordinator.app_id}"
+                     "-flights-changelog")
+        asyncio.run(_create_topics_with_leaders(self.settings.kafka,
+                                                [*self.settings.topics.all, changelog]))
         self.processes.start("coordinator")
         self.processes.start("postprocess")
         for worker_id in self.worker_ids:
