@@ -275,10 +275,11 @@ def _start_profiler(pid: int, duration_s: float, out: Path) -> subprocess.Popen[
 
 
 def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
-    """Sum py-spy's collapsed stacks by leaf function and by source package.
+    """Sum py-spy's collapsed stacks by leaf function and by the leaf's top-level package.
 
-    Each line of the raw format is ``frame;frame;...;leaf count``, outermost frame first,
-    and each frame reads ``function (file:line)``.
+    Each line of the raw format is ``frame;frame;...;leaf count``, outermost frame first.
+    A frame reads ``function (file:line)``, where py-spy gives ``file`` relative to its
+    ``sys.path`` entry, e.g. ``faust/streams.py``.
     """
     self_samples: collections.Counter[str] = collections.Counter()
     package_samples: collections.Counter[str] = collections.Counter()
@@ -290,11 +291,13 @@ def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
             continue
         count = int(count_text)
         total += count
-        frames = stack.split(";")
-        self_samples[_frame_name(frames[-1])] += count
-        package_samples[_package(frames[-1])] += count
-        for name in {_frame_name(frame) for frame in frames if "/site-packages/" not in frame
-                     and "/lib/python3" not in frame}:
+        frames = [_parse_frame(frame) for frame in stack.split(";")]
+        function, file = frames[-1]
+        self_samples[f"{function} ({file})"] += count
+        package_samples[_package(file)] += count
+        project = {f"{name} ({where})" for name, where in frames
+                   if where.split("/")[0] in PROJECT_PACKAGES}
+        for name in project:
             inclusive[name] += count
     if not total:
         return {"samples": 0}
@@ -309,27 +312,27 @@ def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
     }
 
 
-def _frame_name(frame: str) -> str:
+PROJECT_PACKAGES = frozenset({"streams", "gpu_inference", "schemas", "consumers", "infra",
+                              "bench"})
+
+
+def _parse_frame(frame: str) -> tuple[str, str]:
     function, _, location = frame.partition(" (")
-    file = location.split(":")[0]
-    return f"{function} ({_short_path(file)})"
-
-
-def _short_path(file: str) -> str:
+    file = location.rstrip(")").rsplit(":", 1)[0]
+    # Absolute paths appear for files outside sys.path; keep the part a reader recognizes.
     for marker in ("/site-packages/", "/lib/python3.11/"):
         if marker in file:
-            return file.split(marker, 1)[1]
-    parts = Path(file).parts
-    return "/".join(parts[-2:])
+            file = file.split(marker, 1)[1]
+    return function, file
 
 
-def _package(frame: str) -> str:
-    file = frame.partition(" (")[2].split(":")[0]
-    if "/site-packages/" in file:
-        return file.split("/site-packages/", 1)[1].split("/")[0]
-    if "/lib/python3" in file:
-        return "python stdlib: " + file.rsplit("/lib/python3.11/", 1)[-1].split("/")[0]
-    return "slotforge: " + "/".join(Path(file).parts[-2:])
+def _package(file: str) -> str:
+    top = file.split("/")[0].removesuffix(".py")
+    if top in PROJECT_PACKAGES:
+        return f"slotforge {top}"
+    if top in sys.stdlib_module_names or top.startswith("<frozen"):
+        return f"stdlib {top}"
+    return top
 
 
 # ---- hops ----------------------------------------------------------------------------------
@@ -470,16 +473,17 @@ def render_markdown(results: dict[str, Any]) -> str:
     for paragraph in paragraphs:
         lines += [wrap(paragraph), ""]
     lines += ["| hop | samples | p50 (ms) | p99 (ms) |", "| --- | --- | --- | --- |"]
-    for name, item in measured["hops"].items():
+    for name in [hop for hop in HOPS if hop in measured["hops"]]:
+        item = measured["hops"][name]
         lines.append(f"| {name} | {item['samples']} | {format_number(item['p50_ms'], 1)} "
                      f"| {format_number(item['p99_ms'], 1)} |")
     lines += [
         "",
-        f"coordinator_jobs_per_s: {format_number(measured['coordinator_jobs_per_s'], 1)} "
-        f"({throughput['completed']} of {throughput['burst_jobs']} burst jobs completed in "
-        f"{throughput['wall_s']:.1f} s). Job latency in the stream: p50 "
-        f"{format_number(stream['p50_job_ms'], 0)} ms, p99 "
-        f"{format_number(stream['p99_job_ms'], 0)} ms.",
+        wrap(f"coordinator_jobs_per_s: {format_number(measured['coordinator_jobs_per_s'], 1)} "
+             f"({throughput['completed']} of {throughput['burst_jobs']} burst jobs completed "
+             f"in {throughput['wall_s']:.1f} s). Job latency in the stream: p50 "
+             f"{format_number(stream['p50_job_ms'], 0)} ms, p99 "
+             f"{format_number(stream['p99_job_ms'], 0)} ms."),
         "",
         "CPU share of each process during the burst (1.0 = one core busy):",
         "",

@@ -530,6 +530,28 @@ def celery_tuning(config: PeersConfig) -> list[str]:
 
 # ---- page -------------------------------------------------------------------------------------
 
+# The recovery path of each system after a worker is killed, from the worker logs of these
+# runs and from the client libraries' code (aiokafka 0.14, kombu 5.5.4).
+RECOVERY_PARAGRAPHS = (
+    "How slotforge recovers from a SIGKILL: the killed GPU worker stays a member of the "
+    "workers' consumer group until its session times out (aiokafka's default "
+    "session_timeout_ms, 10 s), and the rebalance that its replacement's join starts waits "
+    "for it, so no worker fetches attempts meanwhile. The coordinator dispatches the killed "
+    "worker's attempts again when their lease expires. With a kill every few seconds the "
+    "group rebalances most of the time. Static membership (aiokafka's group_instance_id, "
+    "reused by the replacement) would let a restarted worker take over its partitions "
+    "without a rebalance; the GPU worker does not use it yet.",
+    "How Celery recovers: with the Redis transport, a killed worker's unacknowledged tasks "
+    "return to the queue only when a worker calls restore_visible, which requeues messages "
+    "older than the visibility timeout. Workers call it when they start and on every tenth "
+    "run of a 10 s timer (kombu/transport/redis.py), so a task can wait from the visibility "
+    "timeout up to about 100 s longer.",
+)
+
+def _steps(count: int) -> str:
+    return "step" if count == 1 else f"{count} steps"
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     """Render the peers section of docs/benchmarks.md."""
     setup = results["setup"]
@@ -548,8 +570,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"{parameters['slots_per_job']} slots with at most "
         f"{parameters['max_attempts_per_slot']} attempts per slot. slotforge runs its "
         f"default {parameters['racing_policy']} racing policy and lease of "
-        f"{parameters['lease_s']:g} s, with a progress heartbeat every "
-        f"{parameters['progress_every_steps']} steps.",
+        f"{parameters['lease_s']:g} s, and its workers send a progress heartbeat every "
+        f"{_steps(parameters['progress_every_steps'])}.",
         f"Load: {setup['trace']['rows']} jobs at the arrivals of the densest window of "
         f"{setup['trace']['file']}, compressed to {capacity['arrival_window_s']:.1f} s, "
         f"{parameters['load']:.0%} of capacity ({capacity['formula']} = "
@@ -572,8 +594,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         "| GPU s per delivered slot | duplicates | fallback slots | kills | load avg |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for scenario, by_system in results["results"].items():
-        for system, item in by_system.items():
+    for scenario in [name for name in SCENARIOS if name in results["results"]]:
+        by_system = results["results"][scenario]
+        for system in [name for name in SYSTEMS if name in by_system]:
+            item = by_system[system]
             lines.append(
                 f"| {scenario} | {system} | {item['jobs']} | {item['jobs_lost']} "
                 f"| {format_number(item['p50_job_s'])} | {format_number(item['p99_job_s'])} "
@@ -586,7 +610,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         verdict = "met" if target["met"] else "NOT met"
         lines.append(f"- {target['name']} {target['limit']}: measured "
                      f"{format_number(target['measured'], 3)}, {verdict}.")
-    lines += ["", "What the Celery baseline tuned, following Celery's documentation:", ""]
+    lines += [""]
+    for paragraph in RECOVERY_PARAGRAPHS:
+        lines += [wrap(paragraph), ""]
+    lines += ["What the Celery baseline tuned, following Celery's documentation:", ""]
     lines += [f"- {item}" for item in setup["celery"]]
     machine = machine_paragraph(
         setup, software=f"redis-server {setup['redis_server']}",

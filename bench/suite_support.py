@@ -88,8 +88,8 @@ def wrap(paragraph: str) -> str:
 def machine_paragraph(setup: dict[str, Any], *, software: str = "", compare: str) -> str:
     """Describe the machine, versions, commit and duration of a suite's run for its page.
 
-    ``software`` names versions beyond Kafka and the Python packages; ``compare`` says
-    which numbers to compare, because other work shares the machines these run on.
+    ``software`` names versions beyond Kafka and the Python packages; ``compare`` names
+    the numbers to compare, because other work shares the machines these run on.
     """
     machine = setup["machine"]
     packages = ", ".join(f"{name} {version}" for name, version in machine["packages"].items())
