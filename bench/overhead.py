@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 import uuid
 from collections.abc import Sequence
@@ -312,6 +313,7 @@ def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
     }
 
 
+STDLIB_DIR = Path(sysconfig.get_paths()["stdlib"])
 PROJECT_PACKAGES = frozenset({"streams", "gpu_inference", "schemas", "consumers", "infra",
                               "bench"})
 
@@ -330,7 +332,9 @@ def _package(file: str) -> str:
     top = file.split("/")[0].removesuffix(".py")
     if top in PROJECT_PACKAGES:
         return f"slotforge {top}"
-    if top in sys.stdlib_module_names or top.startswith("<frozen"):
+    # A relative name like trace/__init__.py may be a third-party package whose name a
+    # stdlib module also has, so only a file that exists in the stdlib folder counts.
+    if top.startswith("<frozen") or (STDLIB_DIR / file).exists():
         return f"stdlib {top}"
     return top
 
@@ -492,6 +496,15 @@ def render_markdown(results: dict[str, Any]) -> str:
     ]
     for name, share in sorted(throughput["cpu_share"].items(), key=lambda item: -item[1]):
         lines.append(f"| {name} | {share:.2f} |")
+    total_share = sum(throughput["cpu_share"].values())
+    cpus = setup["machine"]["cpus"] or 1
+    load = setup["load_average_1m"]
+    lines += ["", wrap(
+        f"Together the pipeline's processes used {total_share:.2f} of a core during the burst. "
+        f"With a 1-minute load average of {load:.1f} on {cpus} CPUs at the end of the suite, "
+        f"a runnable process got roughly {min(1.0, cpus / max(load, 1.0)):.2f} of a core (an "
+        "estimate from the load average), so low shares here mean the processes waited for "
+        "a CPU or for the broker, not that they had no work.")]
     lines += ["", "Targets:", ""]
     for target in results["targets"]:
         verdict = "met" if target["met"] else "NOT met"
@@ -509,6 +522,11 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _by_share(shares: dict[str, float]) -> list[tuple[str, float]]:
+    # The results JSON is written with sorted keys, so restore the order by share.
+    return sorted(shares.items(), key=lambda item: -item[1])
+
+
 def _profile_lines(profile: dict[str, Any], profile_s: float) -> list[str]:
     if not profile.get("samples"):
         return [wrap(f"No coordinator profile: {profile.get('error', 'py-spy was skipped')}."),
@@ -517,12 +535,12 @@ def _profile_lines(profile: dict[str, Any], profile_s: float) -> list[str]:
                    f"of the burst ({profile['samples']} samples, idle samples excluded). "
                    "Share of samples by the package of the running function:"), ""]
     lines += ["| package | share |", "| --- | --- |"]
-    lines += [f"| {name} | {share:.1%} |" for name, share in profile["self_by_package"].items()]
+    lines += [f"| {name} | {share:.1%} |" for name, share in _by_share(profile["self_by_package"])]
     lines += ["", "Functions running when sampled:", "", "| function | share |", "| --- | --- |"]
     lines += [f"| `{name}` | {share:.1%} |"
-              for name, share in profile["self_by_function"].items()]
+              for name, share in _by_share(profile["self_by_function"])]
     lines += ["", "Project functions on the stack (inclusive):", "", "| function | share |",
               "| --- | --- |"]
     lines += [f"| `{name}` | {share:.1%} |"
-              for name, share in profile["inclusive_project_functions"].items()]
+              for name, share in _by_share(profile["inclusive_project_functions"])]
     return [*lines, ""]
