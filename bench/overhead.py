@@ -481,6 +481,28 @@ def render_markdown(results: dict[str, Any]) -> str:
         item = measured["hops"][name]
         lines.append(f"| {name} | {item['samples']} | {format_number(item['p50_ms'], 1)} "
                      f"| {format_number(item['p99_ms'], 1)} |")
+    lines += _throughput_lines(measured, setup)
+    lines += ["", "Targets:", ""]
+    for target in results["targets"]:
+        verdict = "met" if target["met"] else "NOT met"
+        lines.append(f"- {target['name']} {target['limit']}: measured "
+                     f"{format_number(target['measured'], 1)}, {verdict}.")
+    lines += [""]
+    lines += _profile_lines(throughput.get("profile") or {}, parameters["profile_s"])
+    machine = machine_paragraph(
+        setup, compare=f"absolute times are noisy (1-minute load average at the end: "
+                       f"{setup['load_average_1m']:.1f})")
+    lines += [
+        wrap(machine),
+        "", "Reproduce:", "", "```", setup["commands"]["reproduce"], "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def _throughput_lines(measured: dict[str, Any], setup: dict[str, Any]) -> list[str]:
+    throughput = measured["throughput"]
+    stream = measured["latency_stream"]
+    lines: list[str] = []
     lines += [
         "",
         wrap(f"coordinator_jobs_per_s: {format_number(measured['coordinator_jobs_per_s'], 1)} "
@@ -505,21 +527,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"a runnable process got roughly {min(1.0, cpus / max(load, 1.0)):.2f} of a core (an "
         "estimate from the load average), so low shares here mean the processes waited for "
         "a CPU or for the broker, not that they had no work.")]
-    lines += ["", "Targets:", ""]
-    for target in results["targets"]:
-        verdict = "met" if target["met"] else "NOT met"
-        lines.append(f"- {target['name']} {target['limit']}: measured "
-                     f"{format_number(target['measured'], 1)}, {verdict}.")
-    lines += [""]
-    lines += _profile_lines(throughput.get("profile") or {}, parameters["profile_s"])
-    machine = machine_paragraph(
-        setup, compare=f"absolute times are noisy (1-minute load average at the end: "
-                       f"{setup['load_average_1m']:.1f})")
-    lines += [
-        wrap(machine),
-        "", "Reproduce:", "", "```", setup["commands"]["reproduce"], "```", "",
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 def _by_share(shares: dict[str, float]) -> list[tuple[str, float]]:
