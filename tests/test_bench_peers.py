@@ -195,8 +195,9 @@ def _write_trace(path: Path, rows: int) -> Path:
 def test_peers_suite_smoke(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     peers.add_arguments(parser)
+    # Four jobs end within seconds, so kills come every second to land while they run.
     args = parser.parse_args([
-        "--jobs", "4", "--kill-interval-s", "4", "--wait-s", "120",
+        "--jobs", "4", "--kill-interval-s", "1", "--wait-s", "120",
         "--trace", str(_write_trace(tmp_path / "trace.csv", 20)),
         "--work-dir", str(tmp_path / "work"),
         "--bootstrap-servers", kafka_broker.bootstrap_servers,
