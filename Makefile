@@ -15,7 +15,7 @@ setup: $(INSTALLED) $(JARS)
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[gpu,test]"
+	$(PY) -m pip install --quiet -e ".[gpu,test,bench]"
 	touch $@
 
 $(JARS): infra/kafka/pom.xml | $(INSTALLED)

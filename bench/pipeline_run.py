@@ -17,6 +17,8 @@ import math
 import os
 import re
 import shutil
+import signal
+import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -33,6 +35,7 @@ from infra.kafka_broker import DEFAULT_LIBS_DIR
 from schemas.events import (
     AttemptFinished,
     AttemptStarted,
+    DeliveryAck,
     GenerationParams,
     JobCompleted,
     JobRequested,
@@ -115,6 +118,11 @@ def run_settings(bootstrap_servers: str, prefix: str, pool: PoolSpec, run_dir: P
     )
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so a suite stops every process it started on the way out."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def fresh_prefix(tag: str) -> str:
     """Return a topic prefix that no earlier run used, readable in broker listings.
 
@@ -144,11 +152,12 @@ class JobOutcome:
 
 @dataclass
 class AttemptLog:
-    """Attempt events of the measured jobs, read from the coordinator events topic."""
+    """Attempt events and delivery acks of the measured jobs, from the coordinator events topic."""
 
     started: list[AttemptStarted] = field(default_factory=list)
     finished: list[AttemptFinished] = field(default_factory=list)
     scored: list[ResultScored] = field(default_factory=list)
+    acks: list[DeliveryAck] = field(default_factory=list)
 
     def unfinished(self) -> list[AttemptStarted]:
         """Return the starts with no finish from the same worker under the same epoch."""
@@ -178,7 +187,13 @@ class PipelineRun:
 
     def __enter__(self) -> PipelineRun:
         shutil.rmtree(self.settings.artifact_dir, ignore_errors=True)
-        asyncio.run(_create_topics_with_leaders(self.settings.kafka, self.settings.topics.all))
+        # NOTE: on a fresh broker the coordinator has rejected its first requests with
+        # faust's PartitionsMismatch because the changelog of its table was not in its
+        # metadata yet, so the run creates that topic up front.
+        changelog = (f"{self.settings.kafka.topic_prefix}{self.settings.coordinator.app_id}"
+                     "-flights-changelog")
+        asyncio.run(_create_topics_with_leaders(self.settings.kafka,
+                                                [*self.settings.topics.all, changelog]))
         self.processes.start("coordinator")
         self.processes.start("postprocess")
         for worker_id in self.worker_ids:
@@ -390,6 +405,10 @@ def _collect(log: AttemptLog, value: bytes | None, job_ids: set[str]) -> None:
         scored = decode_event(value, ResultScored)
         if scored.job_id in job_ids:
             log.scored.append(scored)
+    elif b'"delivery.ack"' in value:
+        ack = decode_event(value, DeliveryAck)
+        if ack.job_id in job_ids:
+            log.acks.append(ack)
 
 
 @dataclass(frozen=True)

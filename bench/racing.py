@@ -14,17 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import contextlib
-import hashlib
 import json
 import math
 import os
 import shutil
-import subprocess
 import sys
-import textwrap
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,8 +38,17 @@ from bench.pipeline_run import (
     percentile,
     run_settings,
 )
-from infra.kafka_broker import KafkaBroker
-from schemas.events import MAX_PROMPT_CHARS, AttemptFinished, AttemptStatus, JobRequested
+from bench.suite_support import (
+    format_number,
+    git_state,
+    job_seed,  # noqa: F401 (part of this module's interface)
+    local_broker,
+    machine_paragraph,
+    progress,
+    unique_job_schedule,
+    wrap,
+)
+from schemas.events import AttemptFinished, AttemptStatus, JobRequested
 from streams.config import LOCAL_DIR, CoordinatorSettings, SimulationSettings
 from streams.racing import RacingPolicy
 from streams.trace_replay import (
@@ -173,7 +178,7 @@ def run(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     loads: dict[str, Any] = {}
     window = densest_window(trace, config.jobs)
     capacity = config.capacity_jobs_per_s(config.slots_per_job)
-    with _broker(config) as bootstrap_servers:
+    with local_broker(config.work_dir, config.bootstrap_servers) as bootstrap_servers:
         for index, load in enumerate(config.loads):
             key = f"load_{float(load)}"
             # Compress the window so its (jobs - 1) gaps average 1 / (load * capacity) s.
@@ -186,7 +191,7 @@ def run(out: Path, args: argparse.Namespace) -> dict[str, Any]:
             results[key] = {}
             for policy in order:
                 schedule = _racing_schedule(rows, config)
-                _progress(f"{key} {policy}: {len(schedule)} jobs over {window_s:.1f} s")
+                progress(f"{key} {policy}: {len(schedule)} jobs over {window_s:.1f} s")
                 results[key][policy] = _run_racing(bootstrap_servers, config, key, policy,
                                                    schedule)
                 _progress_summary(key, policy, results[key][policy])
@@ -205,55 +210,18 @@ def run(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-@contextlib.contextmanager
-def _broker(config: RacingConfig) -> Iterator[str]:
-    if config.bootstrap_servers:
-        yield config.bootstrap_servers
-        return
-    broker = KafkaBroker(config.work_dir / "kafka")
-    broker.start()
-    try:
-        yield broker.bootstrap_servers
-    finally:
-        broker.stop()
-
-
-def _progress(message: str) -> None:
-    # Progress goes to stderr because the suite runs for minutes and stdout is the page.
-    print(message, file=sys.stderr, flush=True)  # noqa: T201
-
-
 def _progress_summary(key: str, policy: str, result: dict[str, Any]) -> None:
-    _progress(f"  {key} {policy}: p50 {_number(result['p50_job_s'])} s, p99 "
-              f"{_number(result['p99_job_s'])} s, GPU s/slot "
-              f"{_number(result['gpu_s_per_delivered_slot'], 3)}, ended "
-              f"{result['jobs'] - result['timed_out']}/{result['jobs']}, wall "
-              f"{result['run_wall_s']:.0f} s")
-
-
-def job_seed(seed: int, index: int) -> int:
-    """Return the index-th job's seed, equal across policies so attempts draw alike."""
-    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % 2**63
+    progress(f"  {key} {policy}: p50 {format_number(result['p50_job_s'])} s, p99 "
+             f"{format_number(result['p99_job_s'])} s, GPU s/slot "
+             f"{format_number(result['gpu_s_per_delivered_slot'], 3)}, ended "
+             f"{result['jobs'] - result['timed_out']}/{result['jobs']}, wall "
+             f"{result['run_wall_s']:.0f} s")
 
 
 def _racing_schedule(rows: Sequence[TraceRequest],
                      config: RacingConfig) -> list[tuple[float, JobRequested]]:
-    """Build jobs of K slots at the trace's arrivals, each with its own prompt and seed.
-
-    A unique prompt gives every job its own cache key, so neither the cache nor sharing
-    attempts between identical jobs mixes into the comparison of racing policies.
-    """
-    schedule = []
-    for index, row in enumerate(rows):
-        request = to_job_request(row, tenant_id=TENANT_ID, deadline_s=config.deadline_s)
-        prompt = f"job {index}: {request.params.prompt}"[:MAX_PROMPT_CHARS]
-        params = request.params.model_copy(update={"prompt": prompt})
-        schedule.append((row.arrival_s, request.model_copy(update={
-            "params": params, "slots": config.slots_per_job,
-            "seed": job_seed(config.seed, index),
-        })))
-    return schedule
+    return unique_job_schedule(rows, tenant_id=TENANT_ID, deadline_s=config.deadline_s,
+                               slots=config.slots_per_job, seed=config.seed)
 
 
 @dataclass
@@ -405,8 +373,8 @@ def _run_cache(bootstrap_servers: str, config: RacingConfig,
     flags = regeneration_flags(rows)
     schedule = [(row.arrival_s, to_job_request(row, tenant_id=TENANT_ID,
                                                deadline_s=config.deadline_s)) for row in rows]
-    _progress(f"cache: {len(rows)} trace requests from row {start} over {window_s:.1f} s, "
-              f"{sum(flags)} regenerations")
+    progress(f"cache: {len(rows)} trace requests from row {start} over {window_s:.1f} s, "
+             f"{sum(flags)} regenerations")
 
     record = _run_pipeline(bootstrap_servers, config, "cache-adaptive", "adaptive", schedule)
     metrics = cache_metrics(rows, record.outcomes, flags)
@@ -422,9 +390,9 @@ def _run_cache(bootstrap_servers: str, config: RacingConfig,
         "run_wall_s": record.wall_s, "logs": record.log_dir,
         "load_average_1m": record.load_average_1m,
     })
-    _progress(f"  cache: {metrics['slots_from_cache']} of {metrics['regenerated_slots']} "
-              f"regenerated slots from cache, p50 cached slot "
-              f"{_number(metrics['p50_cached_slot_ms'], 0)} ms")
+    progress(f"  cache: {metrics['slots_from_cache']} of {metrics['regenerated_slots']} "
+             f"regenerated slots from cache, p50 cached slot "
+             f"{format_number(metrics['p50_cached_slot_ms'], 0)} ms")
     return metrics
 
 
@@ -511,20 +479,6 @@ def _check(name: str, measured: float | None, limit: float) -> dict[str, Any]:
             "met": measured is not None and measured <= limit}
 
 
-def _git_state() -> dict[str, Any]:
-    """Return the commit the suite ran on and the pipeline files changed since."""
-    def git(*arguments: str) -> str:
-        result = subprocess.run(["git", *arguments], capture_output=True, text=True,
-                                check=False)
-        return result.stdout if result.returncode == 0 else ""
-
-    # Porcelain lines are "XY path", and the status column X may be a space.
-    changed = git("status", "--porcelain", "--", "streams", "gpu_inference", "schemas")
-    return {"commit": git("rev-parse", "HEAD").strip() or "unknown",
-            "uncommitted_pipeline_files": [line[3:] for line in changed.splitlines()
-                                           if len(line) > 3]}
-
-
 def _setup(config: RacingConfig, capacity: float, window: Sequence[TraceRequest],
            loads: dict[str, Any], wall_s: float) -> dict[str, Any]:
     pool = config.pool("adaptive")
@@ -534,7 +488,7 @@ def _setup(config: RacingConfig, capacity: float, window: Sequence[TraceRequest]
         "cpu_count": machine["cpus"],
         "python": machine["python"],
         "kafka": kafka_broker_version(),
-        "source": _git_state(),
+        "source": git_state(),
         "parameters": {
             "jobs_per_run": config.jobs,
             "slots_per_job": config.slots_per_job,
@@ -569,34 +523,24 @@ def _setup(config: RacingConfig, capacity: float, window: Sequence[TraceRequest]
 
 # ---- page -------------------------------------------------------------------------------------
 
-def _number(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def _wrap(paragraph: str) -> str:
-    return textwrap.fill(paragraph, width=92, break_on_hyphens=False, break_long_words=False)
-
-
 def render_markdown(results: dict[str, Any]) -> str:
     """Render the racing section of docs/benchmarks.md."""
     setup = results["setup"]
     lines = ["## Racing", ""]
     for paragraph in _setup_paragraphs(setup):
-        lines += [_wrap(paragraph), ""]
+        lines += [wrap(paragraph), ""]
     lines += _results_table(results["results"])
     lines += ["", "Targets for the adaptive policy:", ""]
     for target in results.get("targets") or targets(results["results"], results["cache"]):
         verdict = "met" if target["met"] else "NOT met"
         lines.append(f"- {target['name']} {target['limit']}: measured "
-                     f"{_number(target['measured'], 3)}, {verdict}.")
+                     f"{format_number(target['measured'], 3)}, {verdict}.")
     lines.append("")
     if results["cache"]:
         lines += _cache_section(results["cache"], setup)
-    lines += [_wrap(_machine_paragraph(setup)), "", "Reproduce:", "", "```",
+    machine = machine_paragraph(
+        setup, compare="compare policies within one load, not absolute times across runs")
+    lines += [wrap(machine), "", "Reproduce:", "", "```",
               setup["commands"]["reproduce"], "```", ""]
     return "\n".join(lines)
 
@@ -663,13 +607,13 @@ def _results_table(results: dict[str, dict[str, Any]]) -> list[str]:
             lines.append(
                 f"| {key.removeprefix('load_')} | {policy} | {item['jobs']} "
                 f"| {item['completed']} / {item['partial']} / {item['failed']} "
-                f"| {_number(item['p50_job_s'])} | {_number(item['p99_job_s'])} "
-                f"| {_number(_ratio(item['p99_job_s'], best_fixed))} "
-                f"| {_number(item['gpu_s_per_delivered_slot'], 3)} "
-                f"| {_number(item['wasted_gpu_fraction'], 3)} "
+                f"| {format_number(item['p50_job_s'])} | {format_number(item['p99_job_s'])} "
+                f"| {format_number(_ratio(item['p99_job_s'], best_fixed))} "
+                f"| {format_number(item['gpu_s_per_delivered_slot'], 3)} "
+                f"| {format_number(item['wasted_gpu_fraction'], 3)} "
                 f"| {item['duplicate_executions']} | {item['fallback_slots']} "
-                f"| {_number(item['mean_attempts_per_job'], 1)} "
-                f"| {_number(item.get('load_average_1m'), 1)} |"
+                f"| {format_number(item['mean_attempts_per_job'], 1)} "
+                f"| {format_number(item.get('load_average_1m'), 1)} |"
             )
     return lines
 
@@ -687,7 +631,7 @@ def _cache_section(cache: dict[str, Any], setup: dict[str, Any]) -> list[str]:
         "job each cached slot was delivered in, counted once per cached slot."
     )
     return [
-        _wrap(paragraph), "",
+        wrap(paragraph), "",
         "| requests | regenerations | regenerated slots | slots from cache "
         "| regenerations while the earlier job ran | p50 cached slot (ms) "
         "| p50 fully cached job (ms) | p50 uncached job (ms) | duplicates |",
@@ -695,22 +639,8 @@ def _cache_section(cache: dict[str, Any], setup: dict[str, Any]) -> list[str]:
         f"| {cache['requests']} | {cache['regeneration_requests']} "
         f"| {cache['regenerated_slots']} | {cache['slots_from_cache']} "
         f"| {cache['regenerations_while_earlier_job_ran']} "
-        f"| {_number(cache['p50_cached_slot_ms'], 0)} "
-        f"| {_number(cache['p50_fully_cached_job_ms'], 0)} "
-        f"| {_number(cache['p50_uncached_job_ms'], 0)} | {cache['duplicate_executions']} |",
+        f"| {format_number(cache['p50_cached_slot_ms'], 0)} "
+        f"| {format_number(cache['p50_fully_cached_job_ms'], 0)} "
+        f"| {format_number(cache['p50_uncached_job_ms'], 0)} | {cache['duplicate_executions']} |",
         "",
     ]
-
-
-def _machine_paragraph(setup: dict[str, Any]) -> str:
-    machine = setup["machine"]
-    packages = ", ".join(f"{name} {version}" for name, version in machine["packages"].items())
-    source = setup["source"]
-    changed = (f", with uncommitted changes to {', '.join(source['uncommitted_pipeline_files'])}"
-               if source["uncommitted_pipeline_files"] else "")
-    return (
-        f"Machine: {machine['platform']}, {machine['cpus']} CPUs, Python {machine['python']}, "
-        f"Kafka {setup['kafka']}, {packages}; commit {source['commit'][:12]}{changed}. The "
-        f"suite took {setup['wall_s'] / 60:.1f} minutes. Other work shared the machine, so "
-        "compare policies within one load, not absolute times across runs."
-    )

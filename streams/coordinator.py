@@ -131,6 +131,9 @@ class Coordinator:
             topic_partitions=partitions,
             topic_replication_factor=settings.kafka.replication_factor,
             producer_acks=-1,
+            # Without linger each send goes out in its own request, and a profile of a burst
+            # showed a fifth of the coordinator's samples in socket writes.
+            producer_linger=0.002,
             stream_recovery_delay=0.5,
             broker_commit_every=100,
             broker_commit_interval=1.0,
