@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import os
 import socket
 import threading
@@ -103,6 +104,8 @@ class _Attempt:
     batch_size: int = 1
     # Context of the attempt's generation span, for child spans opened on slot threads.
     generation_context: otel_context.Context | None = None
+    # The task that runs the attempt, which a run under a higher epoch waits for.
+    task: asyncio.Task[None] | None = None
 
     def request_cancel(self, reason: str, *, error_type: str, retriable: bool) -> None:
         """Set the cancel flag; the first request wins, later ones are ignored."""
@@ -485,6 +488,19 @@ class GpuWorker:
             return
 
         running = self._running.get(event.attempt_id)
+        if running is not None and event.epoch > running.event.epoch:
+            # A re-dispatch under a higher epoch fences the run here, so it stops and the
+            # new epoch runs after it, instead of joining it and never running.
+            logger.info("Attempt %s of job %s is re-dispatched under epoch %d; stopping its "
+                        "epoch %d run first", event.attempt_id, event.job_id, event.epoch,
+                        running.event.epoch)
+            running.request_cancel(f"superseded by epoch {event.epoch}",
+                                   error_type="cancelled", retriable=False)
+            task = attempts.create_task(
+                self._start_after(running, record, event, context, attempts))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
         if running is not None:
             # A rebalance handed back a partition whose record is still running here.
             logger.info(
@@ -498,11 +514,28 @@ class GpuWorker:
             running.records.append(record)
             return
 
+        self._start_attempt(record, event, context, attempts)
+
+    def _start_attempt(self, record: ConsumerRecord[bytes, bytes], event: AttemptDispatched,
+                       context: otel_context.Context, attempts: asyncio.TaskGroup) -> None:
         attempt = _Attempt(event=event, records=[record], context=context)
         self._running[event.attempt_id] = attempt
         task = attempts.create_task(self._run_attempt(attempt))
+        attempt.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _start_after(self, previous: _Attempt, record: ConsumerRecord[bytes, bytes],
+                           event: AttemptDispatched, context: otel_context.Context,
+                           attempts: asyncio.TaskGroup) -> None:
+        """Start ``event`` once the run of an older epoch of the same attempt has ended."""
+        if previous.task is not None:
+            await asyncio.wait([previous.task])
+        newer = self._running.get(event.attempt_id)
+        if newer is not None and newer.event.epoch >= event.epoch:
+            newer.records.append(record)
+            return
+        self._start_attempt(record, event, context, attempts)
 
     async def _run_attempt(self, attempt: _Attempt) -> None:
         event = attempt.event
@@ -644,11 +677,17 @@ class GpuWorker:
         progress: asyncio.Queue[tuple[int, int] | None],
     ) -> Callable[[int, int], None]:
         every = self.settings.worker.progress_every_steps
+        min_interval_s = self.settings.worker.progress_min_interval_s
         deadline = attempt.event.deadline_at.timestamp()
+        last_sent_s = -math.inf
 
         def on_step(step: int, total: int) -> None:
+            nonlocal last_sent_s
             # Runs on the slot's thread; the queue belongs to the event loop.
-            if step % every == 0 or step == total:
+            now_s = time.monotonic()
+            due = step % every == 0 and now_s - last_sent_s >= min_interval_s
+            if step == 1 or step == total or due:
+                last_sent_s = now_s
                 loop.call_soon_threadsafe(progress.put_nowait, (step, total))
             if step < total and time.time() >= deadline:
                 attempt.request_cancel(

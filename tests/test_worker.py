@@ -115,6 +115,8 @@ async def _running(service: Any, settings: Settings) -> AsyncIterator[asyncio.Ev
 
 
 async def test_worker_runs_attempts_end_to_end(settings: Settings) -> None:
+    # Every step's heartbeat, so the test sees the whole sequence.
+    settings = _with_worker(settings, progress_min_interval_s=0.0)
     attempts = [_dispatch(job_key=f"acme:key{index}", slot=index) for index in range(3)]
     attempts[2] = attempts[2].model_copy(update={"tier": Tier.INTERACTIVE})
 
@@ -211,6 +213,39 @@ async def test_worker_runs_attempts_end_to_end(settings: Settings) -> None:
         assert generation["slotforge.steps"] == "3"
         assert float(generation["slotforge.gpu_s"]) > 0
         assert generation["slotforge.worker.id"]
+
+
+async def test_heartbeats_throttled_by_interval(settings: Settings) -> None:
+    settings = _with_worker(settings, progress_min_interval_s=3600.0)
+    attempt = _dispatch(steps=6)
+
+    async with TopicReader(settings.kafka, settings.topics.coordinator_events) as events:
+        async with _running(worker.run, settings):
+            await _send(settings, attempt)
+            await events.wait_for(_count_finished(1), timeout_s=120)
+
+    progress = [event for event in _events(events.records) if isinstance(event, AttemptProgress)]
+    # Only the first and the last step beat inside one interval.
+    assert [event.step for event in progress] == [1, 6]
+    assert _finished(events.records)[0].status == AttemptStatus.SUCCEEDED
+
+
+async def test_higher_epoch_supersedes_running(settings: Settings) -> None:
+    first = _dispatch(steps=40)
+    second = first.model_copy(update={"epoch": 2})
+
+    async with TopicReader(settings.kafka, settings.topics.coordinator_events) as events:
+        async with _running(worker.run, settings):
+            await _send(settings, first)
+            await _send(settings, second)
+            await events.wait_for(
+                lambda seen: any(event.epoch == 2 for event in _finished(seen)), timeout_s=120)
+
+    finished = {event.epoch: event for event in _finished(events.records)}
+    assert finished[2].status == AttemptStatus.SUCCEEDED
+    # The epoch 1 run was stopped for the newer epoch, unless it ended before that arrived.
+    if 1 in finished:
+        assert finished[1].status in (AttemptStatus.CANCELLED, AttemptStatus.SUCCEEDED)
 
 
 async def test_garbage_goes_to_deadletter_and_next_runs(settings: Settings) -> None:
