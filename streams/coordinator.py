@@ -34,6 +34,7 @@ from schemas.events import (
     AttemptFinished,
     AttemptProgress,
     AttemptStarted,
+    AttemptStatus,
     ClaimDecision,
     DeadLetter,
     DeliveryAck,
@@ -67,9 +68,9 @@ from streams.metrics import (
     start_metrics_server,
 )
 from streams.liveness import LivenessTracker
-from streams.pool import PoolMonitor
+from streams.pool import PoolMonitor, RunningAttempts
 from streams.step_times import StepClass
-from streams.racing import AcceptanceEstimator, RacingPolicy
+from streams.racing import AcceptanceEstimator, RacingPolicy, ServiceTimes
 from streams.tracing import Tracing, datetime_ns, extract_context, inject_headers, stage_span
 
 logger = logging.getLogger(__name__)
@@ -141,6 +142,8 @@ class Coordinator:
         )
         self.acceptance = AcceptanceEstimator(prior_rate=config.acceptance_prior)
         self.pool = PoolMonitor(config.worker_status_ttl_s)
+        self.running = RunningAttempts()
+        self.service_times = ServiceTimes()
         self.liveness = LivenessTracker()
         self.admission = AdmissionPolicy()
         self.quotas = (TenantQuotas(config.tenant_quota_slots_per_s,
@@ -267,6 +270,8 @@ class Coordinator:
             acceptance_rate=self.acceptance.rate(class_of(flight.params)),
             idle_slots=self.pool.idle_slots(),
             backpressure=self._postprocess_lag > bound,
+            running=self.running.runs(flight.attempts),
+            typical_service_s=self.service_times.median_s(class_of(flight.params)),
         )
 
     def _pool_load(self) -> PoolLoad:
@@ -463,9 +468,12 @@ class Coordinator:
         except EventDecodeError as err:
             await self._dead_letter(event, err)
             return
+        straggler = False
         if isinstance(message, AttemptProgress):
             self.liveness.progress(message.attempt_id, message.epoch, message.step)
-            if self._renew(message):
+            self.running.progress(message.attempt_id, message.step, message.total_steps)
+            straggler = self._is_straggler(message)
+            if self._renew(message) and not straggler:
                 return
 
         flight = self._load(message.job_key)
@@ -479,6 +487,9 @@ class Coordinator:
         if isinstance(message, AttemptProgress):
             decision = flight.on_progress(message)
             self._adopt(flight, message)
+            if straggler:
+                decision.extend(flight.replan(now, self.limits, pool))
+                self._store(flight)
             await self._publish(flight, decision)
             return
         if isinstance(message, AttemptClaim):
@@ -486,11 +497,15 @@ class Coordinator:
         elif isinstance(message, AttemptStarted):
             decision = flight.on_started(message)
             self._watch(flight, message)
+            self.running.started(message.attempt_id, class_of(flight.params))
         elif isinstance(message, AttemptFinished):
             decision = flight.on_finished(message, now, self.limits, pool)
             self.pool.claimed(message.attempt_id)
             self.pool.finished(message.gpu_s)
             self.liveness.finished(message.attempt_id)
+            self.running.ended(message.attempt_id)
+            if message.status is AttemptStatus.SUCCEEDED:
+                self.service_times.observe(class_of(flight.params), message.gpu_s)
             if message.status.value == "failed":
                 logger.warning("Attempt %s of job %s failed on worker %s: %s: %s",
                                message.attempt_id, message.job_id, message.worker_id,
@@ -509,6 +524,15 @@ class Coordinator:
                 return
         self._store(flight)
         await self._publish(flight, decision)
+
+    def _is_straggler(self, progress: AttemptProgress) -> bool:
+        """Check one heartbeat's attempt; a straggler is reported once, then forgotten."""
+        if self.limits.policy is not RacingPolicy.ADAPTIVE:
+            return False
+        if not self.running.is_straggler(progress.attempt_id, self.service_times):
+            return False
+        self.running.ended(progress.attempt_id)
+        return True
 
     def _observe_acceptance(self, flight: FlightState, scored: ResultScored) -> None:
         record = flight.attempts.get(scored.attempt_id)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from schemas.events import Tier, WorkerStatus
+from streams.racing import AttemptRun, ServiceTimes, stragglers
 
 # Seconds of finished attempts that the throughput measurement averages over.
 THROUGHPUT_WINDOW_S = 30.0
@@ -94,3 +96,56 @@ class PoolMonitor:
     def warm_workers(self, model: str, now_s: float | None = None) -> list[str]:
         return [status.worker_id for status in self.live_workers(now_s)
                 if model in status.warm_models]
+
+
+class RunningAttempts:
+    """Step progress of running attempts, from started events and step heartbeats.
+
+    The adaptive racing policy projects each attempt's remaining time from its step rate.
+    Times are this process's monotonic clock at the moment each event arrived.
+    """
+
+    def __init__(self, max_tracked: int = MAX_TRACKED_ATTEMPTS) -> None:
+        self.max_tracked = max_tracked
+        # Attempt id to (started at, steps done, total steps, seconds at the last step).
+        self._runs: dict[str, tuple[float, int, int, float]] = {}
+        self._classes: dict[str, str] = {}
+
+    def started(self, attempt_id: str, parameter_class: str,
+                now_s: float | None = None) -> None:
+        now = time.monotonic() if now_s is None else now_s
+        self._runs[attempt_id] = (now, 0, 1, 0.0)
+        self._classes[attempt_id] = parameter_class
+        while len(self._runs) > self.max_tracked:
+            self._classes.pop(next(iter(self._runs)), None)
+            self._runs.pop(next(iter(self._runs)))
+
+    def progress(self, attempt_id: str, step: int, total_steps: int,
+                 now_s: float | None = None) -> None:
+        known = self._runs.get(attempt_id)
+        if known is None:
+            return
+        now = time.monotonic() if now_s is None else now_s
+        self._runs[attempt_id] = (known[0], step, total_steps, now - known[0])
+
+    def ended(self, attempt_id: str) -> None:
+        self._runs.pop(attempt_id, None)
+        self._classes.pop(attempt_id, None)
+
+    def runs(self, attempt_ids: Iterable[str]) -> dict[str, AttemptRun]:
+        """Return the progress of those of ``attempt_ids`` that are running."""
+        found = {}
+        for attempt_id in attempt_ids:
+            known = self._runs.get(attempt_id)
+            if known is not None:
+                _, steps_done, total_steps, running_s = known
+                found[attempt_id] = AttemptRun(running_s, steps_done, total_steps)
+        return found
+
+    def is_straggler(self, attempt_id: str, service_times: ServiceTimes) -> bool:
+        """Check one attempt against the typical service time of its parameter class."""
+        parameter_class = self._classes.get(attempt_id)
+        if parameter_class is None:
+            return False
+        typical_s = service_times.median_s(parameter_class)
+        return bool(stragglers(self.runs([attempt_id]), typical_s))

@@ -1,0 +1,113 @@
+"""The racing policy's pure rules: how many attempts to launch and which are stragglers."""
+
+from __future__ import annotations
+
+import pytest
+
+from streams.pool import RunningAttempts
+from streams.racing import (
+    AttemptRun,
+    RaceInputs,
+    RacingPolicy,
+    ServiceTimes,
+    attempts_to_launch,
+    stragglers,
+)
+
+
+def _inputs(open_slots: int, rate: float, idle: int, in_flight: int = 0,
+            budget: int = 100) -> RaceInputs:
+    return RaceInputs(open_slots=open_slots, in_flight=in_flight, acceptance_rate=rate,
+                      budget_left=budget, pool_idle_slots=idle)
+
+
+def test_saturated_pool_rounds_need() -> None:
+    # 4 / 0.48 = 8.33: rounding up would launch a ninth attempt into a full pool.
+    decision = attempts_to_launch(RacingPolicy.ADAPTIVE, _inputs(4, 0.48, idle=0))
+
+    assert decision.needed == 8
+    assert decision.speculative == 0
+
+
+def test_idle_pool_rounds_need_up() -> None:
+    decision = attempts_to_launch(RacingPolicy.ADAPTIVE, _inputs(4, 0.48, idle=9))
+
+    assert decision.needed == 9
+
+
+def test_saturated_need_covers_open_slots() -> None:
+    # Rounding 1 / 0.9 gives 1; rounding never launches fewer attempts than open slots.
+    decision = attempts_to_launch(RacingPolicy.ADAPTIVE, _inputs(3, 0.95, idle=0))
+
+    assert decision.needed == 3
+
+
+def test_fixed_policies_ignore_rounding() -> None:
+    assert attempts_to_launch(RacingPolicy.FIXED_RACE, _inputs(4, 0.48, idle=0)).total == 8
+    assert attempts_to_launch(RacingPolicy.SEQUENTIAL, _inputs(4, 0.48, idle=0)).total == 4
+
+
+def test_remaining_time_from_step_rate() -> None:
+    assert AttemptRun(running_s=2.0, steps_done=4, total_steps=10).remaining_s() == \
+        pytest.approx(3.0)
+    assert AttemptRun(running_s=2.0, steps_done=10, total_steps=10).remaining_s() == 0.0
+    assert AttemptRun(running_s=2.0, steps_done=0, total_steps=10).remaining_s() is None
+
+
+def test_stragglers_exceed_typical_time() -> None:
+    runs = {
+        "slow": AttemptRun(running_s=0.2, steps_done=1, total_steps=30),  # 5.8 s left
+        "fast": AttemptRun(running_s=0.01, steps_done=1, total_steps=30),  # 0.29 s left
+        "unstarted": AttemptRun(running_s=0.5, steps_done=0, total_steps=30),
+        "almost_done": AttemptRun(running_s=3.0, steps_done=29, total_steps=30),
+    }
+
+    assert stragglers(runs, typical_service_s=0.3) == ["slow"]
+
+
+def test_stragglers_need_typical_time() -> None:
+    runs = {"slow": AttemptRun(running_s=5.0, steps_done=1, total_steps=30)}
+
+    assert stragglers(runs, typical_service_s=None) == []
+    assert stragglers(runs, typical_service_s=0.0) == []
+
+
+def test_service_times_median_after_samples() -> None:
+    times = ServiceTimes(window=5, min_samples=3)
+    times.observe("a", 1.0)
+    times.observe("a", 9.0)
+    assert times.median_s("a") is None
+
+    times.observe("a", 2.0)
+    assert times.median_s("a") == 2.0
+    assert times.median_s("b") is None
+
+    for _ in range(5):
+        times.observe("a", 4.0)
+    assert times.median_s("a") == 4.0
+
+
+def test_running_attempts_project_progress() -> None:
+    running = RunningAttempts()
+    running.started("a-1", "M1|32x32|30", now_s=10.0)
+    running.progress("a-1", step=1, total_steps=30, now_s=10.5)
+    running.progress("unknown", step=1, total_steps=30, now_s=10.5)
+
+    assert running.runs(["a-1", "unknown"]) == {"a-1": AttemptRun(0.5, 1, 30)}
+
+
+def test_running_attempts_flag_straggler() -> None:
+    times = ServiceTimes(min_samples=1)
+    times.observe("M1|32x32|30", 0.2)
+    running = RunningAttempts()
+    running.started("slow", "M1|32x32|30", now_s=0.0)
+    running.progress("slow", step=1, total_steps=30, now_s=0.1)
+    running.started("fast", "M1|32x32|30", now_s=0.0)
+    running.progress("fast", step=1, total_steps=30, now_s=0.005)
+
+    assert running.is_straggler("slow", times)
+    assert not running.is_straggler("fast", times)
+
+    running.ended("slow")
+    assert not running.is_straggler("slow", times)
+    assert running.runs(["slow"]) == {}
