@@ -40,7 +40,14 @@ from schemas.events import (
     SlotResult,
     Tier,
 )
-from streams.racing import AttemptRun, RaceInputs, RacingPolicy, attempts_to_launch, stragglers
+from streams.racing import (
+    AttemptRun,
+    RaceInputs,
+    RacingPolicy,
+    attempts_to_launch,
+    stragglers,
+    worth_finishing,
+)
 
 AttemptPhase = Literal[
     "dispatched", "running", "generated", "accepted", "rejected", "failed", "cancelled"
@@ -500,9 +507,19 @@ class FlightState(BaseModel):
         open_slots = sum(job.open_slots for job in self.running_jobs())
         live = self.live_attempts()
         if open_slots == 0:
+            # The adaptive policy lets nearly finished surplus attempts fill the cache for a
+            # later regeneration, up to the cache's free entries.
+            cache_room = limits.cache_max_entries - len(self.cache)
             for record in live:
-                if record.phase in ("dispatched", "running"):
-                    decision.cancel.append(self._cancel(record, "slots filled"))
+                if record.phase not in ("dispatched", "running"):
+                    continue
+                if (limits.policy is RacingPolicy.ADAPTIVE and record.phase == "running"
+                        and cache_room > 0 and worth_finishing(
+                            pool.running.get(record.attempt_id), pool.typical_service_s,
+                            pool.idle_slots)):
+                    cache_room -= 1
+                    continue
+                decision.cancel.append(self._cancel(record, "slots filled"))
             return decision
 
         if limits.policy is RacingPolicy.ADAPTIVE:

@@ -35,6 +35,8 @@ MIN_ACCEPTANCE = 0.1
 STRAGGLER_FACTOR = 2.0
 # Attempts with fewer steps done than this are not judged, because their speed is unknown.
 STRAGGLER_MIN_STEPS = 1
+# A surplus attempt this close to done, in typical service times, may finish into the cache.
+FINISH_INTO_CACHE_FACTOR = 0.5
 # Service times remembered per class for the typical service time.
 SERVICE_WINDOW = 500
 
@@ -138,6 +140,19 @@ def stragglers(runs: Mapping[str, AttemptRun], typical_service_s: float | None,
         if remaining_s > factor * typical_service_s:
             found.append(attempt_id)
     return found
+
+
+def worth_finishing(run: AttemptRun | None, typical_service_s: float | None,
+                    pool_idle_slots: int, factor: float = FINISH_INTO_CACHE_FACTOR) -> bool:
+    """Decide whether a surplus attempt should finish into the cache instead of stopping.
+
+    Only while the pool has idle slots, so finishing delays no other job, and only when the
+    projected remaining time is under ``factor`` typical service times.
+    """
+    if run is None or typical_service_s is None or pool_idle_slots <= 0:
+        return False
+    remaining_s = run.remaining_s()
+    return remaining_s is not None and remaining_s <= factor * typical_service_s
 
 
 def _clamp(value: int, budget: int) -> int:

@@ -395,3 +395,32 @@ def test_straggler_cancel_accounts_gpu() -> None:
 
     assert flight.attempts[first.attempt_id].gpu_s == 1.0
     assert [outcome for _, outcome in confirmed.outcomes] == ["cancelled"]
+
+
+def test_nearly_done_surplus_fills_cache() -> None:
+    flight, decision = _admit(_request(slots=1), ADAPTIVE)
+    first, second = decision.dispatch
+    flight.attempts[second.attempt_id].phase = "running"
+    pool = PoolView(acceptance_rate=0.5, idle_slots=2, typical_service_s=0.2,
+                    running={second.attempt_id: AttemptRun(0.9, 9, 10)})
+
+    result = _score(flight, first, True, limits=ADAPTIVE, pool=pool)
+
+    assert result.completed[0].status == JobStatus.COMPLETED
+    assert result.cancel == []
+    assert flight.attempts[second.attempt_id].phase == "running"
+
+    _score(flight, second, True, score=0.8, limits=ADAPTIVE, pool=pool)
+    assert [entry.attempt_id for entry in flight.cache] == [second.attempt_id]
+
+
+def test_surplus_cancelled_when_pool_busy() -> None:
+    flight, decision = _admit(_request(slots=1), ADAPTIVE)
+    first, second = decision.dispatch
+    flight.attempts[second.attempt_id].phase = "running"
+    pool = PoolView(acceptance_rate=0.5, idle_slots=0, typical_service_s=0.2,
+                    running={second.attempt_id: AttemptRun(0.9, 9, 10)})
+
+    result = _score(flight, first, True, limits=ADAPTIVE, pool=pool)
+
+    assert [cancel.attempt_id for cancel in result.cancel] == [second.attempt_id]

@@ -12,6 +12,7 @@ from streams.racing import (
     ServiceTimes,
     attempts_to_launch,
     stragglers,
+    worth_finishing,
 )
 
 
@@ -111,3 +112,18 @@ def test_running_attempts_flag_straggler() -> None:
     running.ended("slow")
     assert not running.is_straggler("slow", times)
     assert running.runs(["slow"]) == {}
+
+
+def test_nearly_done_attempt_finishes() -> None:
+    nearly_done = AttemptRun(running_s=0.9, steps_done=9, total_steps=10)  # 0.1 s left
+
+    assert worth_finishing(nearly_done, typical_service_s=0.3, pool_idle_slots=1)
+    assert not worth_finishing(nearly_done, typical_service_s=0.3, pool_idle_slots=0)
+    assert not worth_finishing(nearly_done, typical_service_s=None, pool_idle_slots=1)
+    assert not worth_finishing(None, typical_service_s=0.3, pool_idle_slots=1)
+
+
+def test_far_from_done_attempt_stops() -> None:
+    halfway = AttemptRun(running_s=0.5, steps_done=5, total_steps=10)  # 0.5 s left
+
+    assert not worth_finishing(halfway, typical_service_s=0.3, pool_idle_slots=4)
