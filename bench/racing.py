@@ -262,6 +262,7 @@ def run_simulated(config: RacingConfig, trace: Sequence[TraceRequest]) -> dict[s
     simulated["capacity_jobs_per_s"] = capacity
     simulated["wall_s"] = time.monotonic() - started
     simulated["reproduce"] = REPRODUCE_SIMULATED
+    simulated["source"] = _git_state()
     for key, by_policy in simulated["results"].items():
         for policy, item in by_policy.items():
             _progress(f"  simulated {key} {policy}: p50 {_number(item['p50_job_s'])} s, p99 "
@@ -717,9 +718,14 @@ def _simulated_section(simulated: dict[str, Any]) -> list[str]:
         verdict = "met" if target["met"] else "NOT met"
         lines.append(f"- {target['name']} {target['limit']}: measured "
                      f"{_number(target['measured'], 3)}, {verdict}.")
-    lines += ["", f"The simulation took {simulated['wall_s']:.0f} s. Reproduce it alone, "
-              "keeping the real-pipeline results:", "", "```", simulated["reproduce"], "```",
-              ""]
+    source = simulated.get("source", {})
+    commit = str(source.get("commit", "unknown"))[:12]
+    changed = source.get("uncommitted_pipeline_files") or []
+    state = f"commit {commit}" + (f" with uncommitted changes to {', '.join(changed)}"
+                                  if changed else "")
+    lines += ["", _wrap(f"The simulation ran on {state} and took {simulated['wall_s']:.0f} s. "
+                        "Reproduce it alone, keeping the real-pipeline results:"),
+              "", "```", simulated["reproduce"], "```", ""]
     return lines
 
 

@@ -11,6 +11,10 @@ The pool is ``pool_slots`` slots fed by one FIFO queue of dispatched attempts. K
 are fixed delays: from a dispatch decision to the queue, from a finished attempt to its
 verdict at the coordinator, and from a cancel decision to the freed slot. A cancelled
 attempt that no slot took yet is dropped from the queue without running.
+
+NOTE: claims, leases, worker batching and Kafka partitions are not modelled, and the pool
+view is exact, where the coordinator's comes from worker status reports up to one
+interval old. Compare policies within one load rather than trusting absolute times.
 """
 
 from __future__ import annotations
