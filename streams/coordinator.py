@@ -490,6 +490,8 @@ class Coordinator:
             if straggler:
                 decision.extend(flight.replan(now, self.limits, pool))
                 self._store(flight)
+                # Later heartbeats of a straggler need no second look at its flight.
+                self.running.ended(message.attempt_id)
             await self._publish(flight, decision)
             return
         if isinstance(message, AttemptClaim):
@@ -526,13 +528,10 @@ class Coordinator:
         await self._publish(flight, decision)
 
     def _is_straggler(self, progress: AttemptProgress) -> bool:
-        """Check one heartbeat's attempt; a straggler is reported once, then forgotten."""
+        """Check one heartbeat's attempt against its class's typical service time."""
         if self.limits.policy is not RacingPolicy.ADAPTIVE:
             return False
-        if not self.running.is_straggler(progress.attempt_id, self.service_times):
-            return False
-        self.running.ended(progress.attempt_id)
-        return True
+        return self.running.is_straggler(progress.attempt_id, self.service_times)
 
     def _observe_acceptance(self, flight: FlightState, scored: ResultScored) -> None:
         record = flight.attempts.get(scored.attempt_id)
