@@ -471,7 +471,8 @@ class Coordinator:
         straggler = False
         if isinstance(message, AttemptProgress):
             self.liveness.progress(message.attempt_id, message.epoch, message.step)
-            self.running.progress(message.attempt_id, message.step, message.total_steps)
+            self.running.progress(message.attempt_id, message.step, message.total_steps,
+                                  message.emitted_at.timestamp())
             straggler = self._is_straggler(message)
             if self._renew(message) and not straggler:
                 return

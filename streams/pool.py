@@ -99,47 +99,48 @@ class PoolMonitor:
 
 
 class RunningAttempts:
-    """Step progress of running attempts, from started events and step heartbeats.
+    """Step rate of running attempts, from the worker's timestamps on step heartbeats.
 
-    The adaptive racing policy projects each attempt's remaining time from its step rate.
-    Times are this process's monotonic clock at the moment each event arrived.
+    The rate is measured from an attempt's first heartbeat to its latest one, both stamped
+    by the worker's clock, so neither the queue wait nor Kafka delays distort it.
     """
 
     def __init__(self, max_tracked: int = MAX_TRACKED_ATTEMPTS) -> None:
         self.max_tracked = max_tracked
-        # Attempt id to (started at, steps done, total steps, seconds at the last step).
-        self._runs: dict[str, tuple[float, int, int, float]] = {}
         self._classes: dict[str, str] = {}
+        # Attempt id to (first step, its time, latest step, its time, total steps).
+        self._steps: dict[str, tuple[int, float, int, float, int]] = {}
 
-    def started(self, attempt_id: str, parameter_class: str,
-                now_s: float | None = None) -> None:
-        now = time.monotonic() if now_s is None else now_s
-        self._runs[attempt_id] = (now, 0, 1, 0.0)
+    def started(self, attempt_id: str, parameter_class: str) -> None:
         self._classes[attempt_id] = parameter_class
-        while len(self._runs) > self.max_tracked:
-            self._classes.pop(next(iter(self._runs)), None)
-            self._runs.pop(next(iter(self._runs)))
+        self._steps.pop(attempt_id, None)
+        while len(self._classes) > self.max_tracked:
+            oldest = next(iter(self._classes))
+            self.ended(oldest)
 
-    def progress(self, attempt_id: str, step: int, total_steps: int,
-                 now_s: float | None = None) -> None:
-        known = self._runs.get(attempt_id)
-        if known is None:
+    def progress(self, attempt_id: str, step: int, total_steps: int, at_s: float) -> None:
+        """Record one heartbeat; ``at_s`` is the worker's timestamp in seconds."""
+        if attempt_id not in self._classes:
             return
-        now = time.monotonic() if now_s is None else now_s
-        self._runs[attempt_id] = (known[0], step, total_steps, now - known[0])
+        known = self._steps.get(attempt_id)
+        if known is None:
+            self._steps[attempt_id] = (step, at_s, step, at_s, total_steps)
+        elif step > known[2]:
+            self._steps[attempt_id] = (known[0], known[1], step, at_s, total_steps)
 
     def ended(self, attempt_id: str) -> None:
-        self._runs.pop(attempt_id, None)
         self._classes.pop(attempt_id, None)
+        self._steps.pop(attempt_id, None)
 
     def runs(self, attempt_ids: Iterable[str]) -> dict[str, AttemptRun]:
-        """Return the progress of those of ``attempt_ids`` that are running."""
+        """Return the progress since the first heartbeat of those of ``attempt_ids`` running."""
         found = {}
         for attempt_id in attempt_ids:
-            known = self._runs.get(attempt_id)
+            known = self._steps.get(attempt_id)
             if known is not None:
-                _, steps_done, total_steps, running_s = known
-                found[attempt_id] = AttemptRun(running_s, steps_done, total_steps)
+                first_step, first_s, step, at_s, total_steps = known
+                found[attempt_id] = AttemptRun(at_s - first_s, step - first_step,
+                                               total_steps - first_step)
         return found
 
     def is_straggler(self, attempt_id: str, service_times: ServiceTimes) -> bool:

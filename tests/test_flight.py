@@ -332,8 +332,8 @@ def test_hung_attempt_redispatched_with_new_epoch() -> None:
                                       hung=True, reason="again").cancel == []
 
 
-def _straggling(flight: FlightState, attempt: AttemptDispatched, steps_done: int = 1,
-                running_s: float = 1.0) -> PoolView:
+def _straggling(flight: FlightState, attempt: AttemptDispatched, steps_done: int = 3,
+                running_s: float = 3.0) -> PoolView:
     flight.attempts[attempt.attempt_id].phase = "running"
     return PoolView(acceptance_rate=0.5, idle_slots=0, typical_service_s=0.2,
                     running={attempt.attempt_id: AttemptRun(running_s, steps_done, 10)})
@@ -359,8 +359,8 @@ def test_straggler_kept_when_fast_enough() -> None:
     flight, decision = _admit(_request(slots=1), ADAPTIVE)
     first = decision.dispatch[0]
 
-    # Nine steps left at 0.01 s each is below twice the typical 0.2 s.
-    result = flight.replan(NOW, ADAPTIVE, _straggling(flight, first, running_s=0.01))
+    # Seven steps left at 0.01 s each is below twice the typical 0.2 s.
+    result = flight.replan(NOW, ADAPTIVE, _straggling(flight, first, running_s=0.03))
 
     assert result.cancel == []
     assert result.dispatch == []

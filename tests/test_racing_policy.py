@@ -57,8 +57,8 @@ def test_remaining_time_from_step_rate() -> None:
 
 def test_stragglers_exceed_typical_time() -> None:
     runs = {
-        "slow": AttemptRun(running_s=0.2, steps_done=1, total_steps=30),  # 5.8 s left
-        "fast": AttemptRun(running_s=0.01, steps_done=1, total_steps=30),  # 0.29 s left
+        "slow": AttemptRun(running_s=0.6, steps_done=3, total_steps=30),  # 5.4 s left
+        "fast": AttemptRun(running_s=0.03, steps_done=3, total_steps=30),  # 0.27 s left
         "unstarted": AttemptRun(running_s=0.5, steps_done=0, total_steps=30),
         "almost_done": AttemptRun(running_s=3.0, steps_done=29, total_steps=30),
     }
@@ -88,23 +88,31 @@ def test_service_times_median_after_samples() -> None:
     assert times.median_s("a") == 4.0
 
 
-def test_running_attempts_project_progress() -> None:
+def test_running_attempts_measure_from_first_step() -> None:
     running = RunningAttempts()
-    running.started("a-1", "M1|32x32|30", now_s=10.0)
-    running.progress("a-1", step=1, total_steps=30, now_s=10.5)
-    running.progress("unknown", step=1, total_steps=30, now_s=10.5)
+    running.started("a-1", "M1|32x32|30")
+    running.progress("a-1", step=1, total_steps=30, at_s=10.0)
+    running.progress("a-1", step=5, total_steps=30, at_s=10.4)
+    running.progress("a-1", step=3, total_steps=30, at_s=10.9)
+    running.progress("unknown", step=1, total_steps=30, at_s=10.5)
 
-    assert running.runs(["a-1", "unknown"]) == {"a-1": AttemptRun(0.5, 1, 30)}
+    runs = running.runs(["a-1", "unknown"])
+
+    assert list(runs) == ["a-1"]
+    assert runs["a-1"].running_s == pytest.approx(0.4)
+    assert runs["a-1"].steps_done == 4
+    assert runs["a-1"].total_steps == 29
+    assert runs["a-1"].remaining_s() == pytest.approx(2.5)
 
 
 def test_running_attempts_flag_straggler() -> None:
     times = ServiceTimes(min_samples=1)
     times.observe("M1|32x32|30", 0.2)
     running = RunningAttempts()
-    running.started("slow", "M1|32x32|30", now_s=0.0)
-    running.progress("slow", step=1, total_steps=30, now_s=0.1)
-    running.started("fast", "M1|32x32|30", now_s=0.0)
-    running.progress("fast", step=1, total_steps=30, now_s=0.005)
+    for attempt_id, step_s in (("slow", 0.1), ("fast", 0.005)):
+        running.started(attempt_id, "M1|32x32|30")
+        for step in range(1, 6):
+            running.progress(attempt_id, step=step, total_steps=30, at_s=step * step_s)
 
     assert running.is_straggler("slow", times)
     assert not running.is_straggler("fast", times)
@@ -112,6 +120,17 @@ def test_running_attempts_flag_straggler() -> None:
     running.ended("slow")
     assert not running.is_straggler("slow", times)
     assert running.runs(["slow"]) == {}
+
+
+def test_one_step_not_judged() -> None:
+    times = ServiceTimes(min_samples=1)
+    times.observe("M1|32x32|30", 0.2)
+    running = RunningAttempts()
+    running.started("slow", "M1|32x32|30")
+    running.progress("slow", step=1, total_steps=30, at_s=0.0)
+    running.progress("slow", step=2, total_steps=30, at_s=0.5)
+
+    assert not running.is_straggler("slow", times)
 
 
 def test_nearly_done_attempt_finishes() -> None:
