@@ -184,14 +184,14 @@ class RacingSimulation:
         return _EPOCH + timedelta(seconds=self.now_s)
 
     def _pool(self, flight: FlightState) -> PoolView:
-        # The coordinator receives each attempt's step heartbeats, so it knows the latest one.
+        # Like the coordinator, measure the step rate from the first heartbeat to the latest.
         running = {}
         for attempt in self.running.values():
-            if attempt.job_key == flight.job_key:
-                steps_done = self._steps_done(attempt)
+            steps_done = self._steps_done(attempt)
+            if attempt.job_key == flight.job_key and steps_done >= 1:
                 running[attempt.attempt_id] = AttemptRun(
-                    running_s=steps_done * attempt.service_s / attempt.steps,
-                    steps_done=steps_done, total_steps=attempt.steps)
+                    running_s=(steps_done - 1) * attempt.service_s / attempt.steps,
+                    steps_done=steps_done - 1, total_steps=attempt.steps - 1)
         idle = self.free_slots - len(self.queue) - self.in_transit
         return PoolView(acceptance_rate=self.acceptance.rate("sim"), idle_slots=idle,
                         running=running,
