@@ -7,6 +7,10 @@ the same job stream: the same Alibaba trace arrivals and the same seeds, so the 
 attempt of a job draws the same service time and verdict under every policy. A last run
 replays a stretch of the trace with its own prompts through the adaptive pipeline, to
 measure how many regenerated slots the cache serves.
+
+Beside the real runs, ``bench.racing_sim`` replays the same job stream many times through
+the coordinator's flight code on a simulated pool, under the key ``simulated``, so the
+policies' p99 rests on thousands of jobs instead of 80.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from bench.suite_support import (
     unique_job_schedule,
     wrap,
 )
+from bench.racing_sim import SimConfig, simulate_suite
 from schemas.events import AttemptFinished, AttemptStatus, JobRequested
 from streams.config import LOCAL_DIR, CoordinatorSettings, SimulationSettings
 from streams.racing import RacingPolicy
@@ -75,6 +80,10 @@ CAPACITY_FORMULA = (
 )
 REPRODUCE = (
     ".venv/bin/slotforge bench racing --out bench/results/racing.json\n"
+    ".venv/bin/python -m bench.render"
+)
+REPRODUCE_SIMULATED = (
+    ".venv/bin/slotforge bench racing --simulated-only --out bench/results/racing.json\n"
     ".venv/bin/python -m bench.render"
 )
 
@@ -109,6 +118,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Alibaba lora_request_trace.csv to take arrivals from")
     parser.add_argument("--bootstrap-servers", type=str, default=None,
                         help="use this running broker instead of starting one")
+    parser.add_argument("--sim-replicates", type=int, default=25,
+                        help="replicates of the job stream in the simulation; 0 skips it")
+    parser.add_argument("--simulated-only", action="store_true",
+                        help="run only the simulation and keep the real-pipeline results "
+                             "already in --out")
 
 
 @dataclass(frozen=True)
@@ -130,6 +144,7 @@ class RacingConfig:
     work_dir: Path
     trace: Path
     bootstrap_servers: str | None = None
+    sim_replicates: int = 25
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RacingConfig:
@@ -140,6 +155,7 @@ class RacingConfig:
             sigma=args.sigma, acceptance=args.acceptance, deadline_s=args.deadline_s,
             seed=args.seed, cache_requests=args.cache_requests, cache_load=args.cache_load,
             work_dir=args.work_dir, trace=args.trace, bootstrap_servers=args.bootstrap_servers,
+            sim_replicates=args.sim_replicates,
         )
         config.validate()
         return config
@@ -151,6 +167,9 @@ class RacingConfig:
             raise ValueError(f"--loads must be positive fractions, got {self.loads}")
         if not 0 < self.acceptance <= 1:
             raise ValueError(f"--acceptance must be in (0, 1], got {self.acceptance}")
+        if self.sim_replicates < 0:
+            raise ValueError(f"--sim-replicates must be 0 (skip) or more, "
+                             f"got {self.sim_replicates}")
         if self.cache_requests == 1 or self.cache_requests < 0:
             raise ValueError(f"--cache-requests must be 0 (skip) or at least 2, "
                              f"got {self.cache_requests}")
@@ -167,11 +186,34 @@ class RacingConfig:
         return pool.pool_slots * self.acceptance / (mean_slots * pool.mean_service_s)
 
 
+    def sim_config(self) -> SimConfig:
+        return SimConfig(
+            replicates=self.sim_replicates, pool_slots=self.workers * self.worker_slots,
+            slots_per_job=self.slots_per_job, p50_s=self.p50_s, sigma=self.sigma,
+            acceptance=self.acceptance, deadline_s=self.deadline_s,
+            max_attempts_per_slot=CoordinatorSettings().max_attempts_per_slot,
+            acceptance_prior=CoordinatorSettings().acceptance_prior, seed=self.seed,
+        )
+
+
 def run(out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Run every (load, policy) pair and the cache run, then write the results JSON."""
+    """Run every (load, policy) pair and the cache run, then write the results JSON.
+
+    With ``--simulated-only`` only the simulation runs, and the real-pipeline results
+    already in ``out`` are kept.
+    """
     config = RacingConfig.from_args(args)
-    started = time.monotonic()
     trace = load_trace(config.trace)
+    if args.simulated_only:
+        if not out.exists():
+            raise FileNotFoundError(f"--simulated-only keeps the real results in {out}, "
+                                    "which does not exist; run without the flag first")
+        report = json.loads(out.read_text())
+        report["simulated"] = run_simulated(config, trace)
+        out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        return report
+
+    started = time.monotonic()
     shutil.rmtree(config.work_dir / "runs", ignore_errors=True)
 
     results: dict[str, dict[str, Any]] = {}
@@ -205,9 +247,33 @@ def run(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         "targets": targets(results, cache),
         "setup": _setup(config, capacity, window, loads, time.monotonic() - started),
     }
+    if config.sim_replicates:
+        report["simulated"] = run_simulated(config, trace)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report
+
+
+def run_simulated(config: RacingConfig, trace: Sequence[TraceRequest]) -> dict[str, Any]:
+    """Simulate every (load, policy) pair over replicates of the real runs' job stream."""
+    started = time.monotonic()
+    window = densest_window(trace, config.jobs)
+    capacity = config.capacity_jobs_per_s(config.slots_per_job)
+    progress(f"simulation: {config.sim_replicates} replicates of {len(window)} jobs per "
+              "(load, policy)")
+    simulated = simulate_suite(config.sim_config(), window, config.loads, POLICIES, capacity,
+                               job_seed)
+    simulated["targets"] = targets(simulated["results"], {})
+    simulated["capacity_jobs_per_s"] = capacity
+    simulated["wall_s"] = time.monotonic() - started
+    simulated["reproduce"] = REPRODUCE_SIMULATED
+    simulated["source"] = git_state()
+    for key, by_policy in simulated["results"].items():
+        for policy, item in by_policy.items():
+            progress(f"  simulated {key} {policy}: p50 {format_number(item['p50_job_s'])} s, p99 "
+                      f"{format_number(item['p99_job_s'])} s, GPU s/slot "
+                      f"{format_number(item['gpu_s_per_delivered_slot'], 3)}")
+    return simulated
 
 
 def _progress_summary(key: str, policy: str, result: dict[str, Any]) -> None:
@@ -542,7 +608,69 @@ def render_markdown(results: dict[str, Any]) -> str:
         setup, compare="compare policies within one load, not absolute times across runs")
     lines += [wrap(machine), "", "Reproduce:", "", "```",
               setup["commands"]["reproduce"], "```", ""]
+    if results.get("simulated"):
+        lines += _simulated_section(results["simulated"])
     return "\n".join(lines)
+
+
+def _simulated_section(simulated: dict[str, Any]) -> list[str]:
+    config = simulated["config"]
+    jobs = simulated["jobs_per_replicate"]
+    paragraphs = [
+        f"Simulated: `bench.racing_sim` replays the job stream above {config['replicates']} "
+        f"times per (load, policy), each replicate with its own job seeds ({jobs} jobs each, "
+        f"{config['replicates'] * jobs} per row), through `FlightState`, the coordinator's "
+        "own decision code. Every attempt's service time and verdict come from the simulated "
+        f"GPU's draw for its seed. The pool is {config['pool_slots']} slots behind one FIFO "
+        f"queue. Kafka hops are fixed delays: {config['dispatch_delay_s']:g} s from dispatch "
+        f"to the queue, {config['score_delay_s']:g} s from a finished attempt to its verdict, "
+        f"{config['cancel_delay_s']:g} s from a cancel to the freed slot; the coordinator "
+        f"looks at running attempts' step progress every {config['check_interval_s']:g} s. "
+        "These delays are estimates, so compare policies within one load. The p99 range "
+        "lists the p99 of each of five groups of replicates; GPU time counts every "
+        "attempt's seconds on a slot, cancelled ones included.",
+    ]
+    lines = ["### Racing, simulated", ""]
+    for paragraph in paragraphs:
+        lines += [wrap(paragraph), ""]
+    lines += [
+        "| load | policy | jobs | completed / partial / failed | p50 job (s) | p99 job (s) "
+        "| p99 range (s) | p99 / best fixed | GPU s per delivered slot | wasted GPU "
+        "| duplicates | fallback slots | attempts per job |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for key, by_policy in simulated["results"].items():
+        fixed = [by_policy[name]["p99_job_s"] for name in ("sequential", "fixed_race")
+                 if name in by_policy and by_policy[name]["p99_job_s"] is not None]
+        best_fixed = min(fixed) if fixed else None
+        for policy in [name for name in POLICIES if name in by_policy]:
+            item = by_policy[policy]
+            spread = [value for value in item["p99_job_s_spread"] if value is not None]
+            p99_range = (f"{min(spread):.2f} - {max(spread):.2f}" if spread else "n/a")
+            lines.append(
+                f"| {key.removeprefix('load_')} | {policy} | {item['jobs']} "
+                f"| {item['completed']} / {item['partial']} / {item['failed']} "
+                f"| {format_number(item['p50_job_s'])} | {format_number(item['p99_job_s'])} "
+                f"| {p99_range} | {format_number(_ratio(item['p99_job_s'], best_fixed))} "
+                f"| {format_number(item['gpu_s_per_delivered_slot'], 3)} "
+                f"| {format_number(item['wasted_gpu_fraction'], 3)} "
+                f"| {item['duplicate_executions']} | {item['fallback_slots']} "
+                f"| {format_number(item['mean_attempts_per_job'], 1)} |"
+            )
+    lines += ["", "Targets for the adaptive policy in the simulation:", ""]
+    for target in simulated["targets"]:
+        verdict = "met" if target["met"] else "NOT met"
+        lines.append(f"- {target['name']} {target['limit']}: measured "
+                     f"{format_number(target['measured'], 3)}, {verdict}.")
+    source = simulated.get("source", {})
+    commit = str(source.get("commit", "unknown"))[:12]
+    changed = source.get("uncommitted_pipeline_files") or []
+    state = f"commit {commit}" + (f" with uncommitted changes to {', '.join(changed)}"
+                                  if changed else "")
+    lines += ["", wrap(f"The simulation ran on {state} and took {simulated['wall_s']:.0f} s. "
+                        "Reproduce it alone, keeping the real-pipeline results:"),
+              "", "```", simulated["reproduce"], "```", ""]
+    return lines
 
 
 def _setup_paragraphs(setup: dict[str, Any]) -> list[str]:

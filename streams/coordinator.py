@@ -35,6 +35,7 @@ from schemas.events import (
     AttemptFinished,
     AttemptProgress,
     AttemptStarted,
+    AttemptStatus,
     ClaimDecision,
     DeliveryAck,
     JobCompleted,
@@ -71,10 +72,10 @@ from streams.metrics import (
     start_metrics_server,
 )
 from streams.liveness import LivenessTracker
-from streams.pool import PoolMonitor
+from streams.pool import PoolMonitor, RunningAttempts
 from streams.retry import BackoffPolicy, retry_headers, retry_level
 from streams.step_times import StepClass
-from streams.racing import AcceptanceEstimator, RacingPolicy
+from streams.racing import AcceptanceEstimator, RacingPolicy, ServiceTimes
 from streams.service import start_exit_watchdog
 from streams.tracing import Tracing, datetime_ns, extract_context, inject_headers, stage_span
 
@@ -156,6 +157,8 @@ class Coordinator:
                                      settings.retry.jitter)
         self.acceptance = AcceptanceEstimator(prior_rate=config.acceptance_prior)
         self.pool = PoolMonitor(config.worker_status_ttl_s)
+        self.running = RunningAttempts()
+        self.service_times = ServiceTimes()
         self.liveness = LivenessTracker()
         self.admission = AdmissionPolicy()
         self.quotas = (TenantQuotas(config.tenant_quota_slots_per_s,
@@ -315,6 +318,8 @@ class Coordinator:
             acceptance_rate=self.acceptance.rate(class_of(flight.params)),
             idle_slots=self.pool.idle_slots(),
             backpressure=self._postprocess_lag > bound,
+            running=self.running.runs(flight.attempts),
+            typical_service_s=self.service_times.median_s(class_of(flight.params)),
         )
 
     def _pool_load(self) -> PoolLoad:
@@ -506,9 +511,13 @@ class Coordinator:
         except EventDecodeError as err:
             await self._dead_letter(event, err)
             return
+        straggler = False
         if isinstance(message, AttemptProgress):
             self.liveness.progress(message.attempt_id, message.epoch, message.step)
-            if self._renew(message):
+            self.running.progress(message.attempt_id, message.step, message.total_steps,
+                                  message.emitted_at.timestamp())
+            straggler = self._is_straggler(message)
+            if self._renew(message) and not straggler:
                 return
 
         flight = self._load(message.job_key)
@@ -522,6 +531,11 @@ class Coordinator:
         if isinstance(message, AttemptProgress):
             decision = flight.on_progress(message)
             self._adopt(flight, message)
+            if straggler:
+                decision.extend(flight.replan(now, self.limits, pool))
+                self._store(flight)
+                # Later heartbeats of a straggler need no second look at its flight.
+                self.running.ended(message.attempt_id)
             await self._publish(flight, decision)
             return
         if isinstance(message, AttemptClaim):
@@ -529,6 +543,7 @@ class Coordinator:
         elif isinstance(message, AttemptStarted):
             decision = flight.on_started(message)
             self._watch(flight, message)
+            self.running.started(message.attempt_id, class_of(flight.params))
         elif isinstance(message, AttemptFinished):
             record = flight.attempts.get(message.attempt_id)
             if message.artifact_uri and (record is None or record.epoch != message.epoch):
@@ -541,6 +556,9 @@ class Coordinator:
             self.pool.claimed(message.attempt_id)
             self.pool.finished(message.gpu_s)
             self.liveness.finished(message.attempt_id)
+            self.running.ended(message.attempt_id)
+            if message.status is AttemptStatus.SUCCEEDED:
+                self.service_times.observe(class_of(flight.params), message.gpu_s)
             if message.status.value == "failed":
                 logger.warning("Attempt %s of job %s failed on worker %s: %s: %s",
                                message.attempt_id, message.job_id, message.worker_id,
@@ -559,6 +577,12 @@ class Coordinator:
                 return
         self._store(flight)
         await self._publish(flight, decision)
+
+    def _is_straggler(self, progress: AttemptProgress) -> bool:
+        """Check one heartbeat's attempt against its class's typical service time."""
+        if self.limits.policy is not RacingPolicy.ADAPTIVE:
+            return False
+        return self.running.is_straggler(progress.attempt_id, self.service_times)
 
     def _observe_acceptance(self, flight: FlightState, scored: ResultScored) -> None:
         record = flight.attempts.get(scored.attempt_id)

@@ -14,6 +14,7 @@ the events to publish. A redelivered event changes nothing the second time.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
@@ -39,7 +40,14 @@ from schemas.events import (
     SlotResult,
     Tier,
 )
-from streams.racing import RaceInputs, RacingPolicy, attempts_to_launch
+from streams.racing import (
+    AttemptRun,
+    RaceInputs,
+    RacingPolicy,
+    attempts_to_launch,
+    stragglers,
+    worth_finishing,
+)
 
 AttemptPhase = Literal[
     "dispatched", "running", "generated", "accepted", "rejected", "failed", "cancelled"
@@ -70,6 +78,10 @@ class PoolView:
     acceptance_rate: float = 0.5
     idle_slots: int = 0
     backpressure: bool = False
+    # Progress of this flight's running attempts by attempt id, and the median service
+    # time of the flight's class; the adaptive policy replaces stragglers with both.
+    running: Mapping[str, AttemptRun] = field(default_factory=dict)
+    typical_service_s: float | None = None
 
 
 @dataclass
@@ -138,6 +150,8 @@ class JobRecord(BaseModel):
     requested_slots: int
     attempt_limit: int
     attempts_charged: int = 0
+    # Stragglers cancelled so far; each one's charge was refunded to the attempt limit.
+    stragglers_replaced: int = 0
     requested_at: datetime
     admitted_at: datetime
     deadline_at: datetime
@@ -547,11 +561,24 @@ class FlightState(BaseModel):
         open_slots = sum(job.open_slots for job in self.running_jobs())
         live = self.live_attempts()
         if open_slots == 0:
+            # The adaptive policy lets nearly finished surplus attempts fill the cache for a
+            # later regeneration, up to the cache's free entries.
+            cache_room = limits.cache_max_entries - len(self.cache)
             for record in live:
-                if record.phase in ("dispatched", "running"):
-                    decision.cancel.append(self._cancel(record, "slots filled"))
+                if record.phase not in ("dispatched", "running"):
+                    continue
+                if (limits.policy is RacingPolicy.ADAPTIVE and record.phase == "running"
+                        and cache_room > 0 and worth_finishing(
+                            pool.running.get(record.attempt_id), pool.typical_service_s,
+                            pool.idle_slots)):
+                    cache_room -= 1
+                    continue
+                decision.cancel.append(self._cancel(record, "slots filled"))
             return decision
 
+        if limits.policy is RacingPolicy.ADAPTIVE:
+            decision.cancel += self._replace_stragglers(pool)
+            live = self.live_attempts()
         race = attempts_to_launch(limits.policy, RaceInputs(
             open_slots=open_slots,
             in_flight=len(live),
@@ -566,6 +593,33 @@ class FlightState(BaseModel):
                 break
             decision.dispatch.append(self._new_attempt(job, now))
         return decision
+
+    def _replace_stragglers(self, pool: PoolView) -> list[AttemptCancel]:
+        """Cancel running attempts a fresh one should beat; the launch step replaces them.
+
+        A straggler is cancelled early, so its charge goes back to the job's attempt limit
+        and the replacement does not push the job into fallback. Each job may replace at
+        most its attempt limit's worth of stragglers, so replacing cannot go on forever.
+        """
+        runs = {}
+        for attempt_id, run in pool.running.items():
+            record = self.attempts.get(attempt_id)
+            job = self.jobs.get(record.job_id) if record is not None else None
+            if record is None or job is None or record.phase != "running":
+                continue
+            if job.running and job.stragglers_replaced < job.attempt_limit:
+                runs[attempt_id] = run
+        cancels = []
+        for attempt_id in stragglers(runs, pool.typical_service_s):
+            run = runs[attempt_id]
+            record = self.attempts[attempt_id]
+            job = self.jobs[record.job_id]
+            job.stragglers_replaced += 1
+            job.attempts_charged -= 1
+            reason = (f"straggler: {run.remaining_s() or 0.0:.2f} s left after "
+                      f"{run.steps_done} of {run.total_steps} steps")
+            cancels.append(self._cancel(record, reason))
+        return cancels
 
     def _has_live_attempts(self, job_id: str) -> bool:
         return any(record.job_id == job_id for record in self.live_attempts())

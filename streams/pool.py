@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from schemas.events import Tier, WorkerStatus
+from streams.racing import AttemptRun, ServiceTimes, stragglers
 
 # Seconds of finished attempts that the throughput measurement averages over.
 THROUGHPUT_WINDOW_S = 30.0
@@ -94,3 +96,57 @@ class PoolMonitor:
     def warm_workers(self, model: str, now_s: float | None = None) -> list[str]:
         return [status.worker_id for status in self.live_workers(now_s)
                 if model in status.warm_models]
+
+
+class RunningAttempts:
+    """Step rate of running attempts, from the worker's timestamps on step heartbeats.
+
+    The rate is measured from an attempt's first heartbeat to its latest one, both stamped
+    by the worker's clock, so neither the queue wait nor Kafka delays distort it.
+    """
+
+    def __init__(self, max_tracked: int = MAX_TRACKED_ATTEMPTS) -> None:
+        self.max_tracked = max_tracked
+        self._classes: dict[str, str] = {}
+        # Attempt id to (first step, its time, latest step, its time, total steps).
+        self._steps: dict[str, tuple[int, float, int, float, int]] = {}
+
+    def started(self, attempt_id: str, parameter_class: str) -> None:
+        self._classes[attempt_id] = parameter_class
+        self._steps.pop(attempt_id, None)
+        while len(self._classes) > self.max_tracked:
+            oldest = next(iter(self._classes))
+            self.ended(oldest)
+
+    def progress(self, attempt_id: str, step: int, total_steps: int, at_s: float) -> None:
+        """Record one heartbeat; ``at_s`` is the worker's timestamp in seconds."""
+        if attempt_id not in self._classes:
+            return
+        known = self._steps.get(attempt_id)
+        if known is None:
+            self._steps[attempt_id] = (step, at_s, step, at_s, total_steps)
+        elif step > known[2]:
+            self._steps[attempt_id] = (known[0], known[1], step, at_s, total_steps)
+
+    def ended(self, attempt_id: str) -> None:
+        self._classes.pop(attempt_id, None)
+        self._steps.pop(attempt_id, None)
+
+    def runs(self, attempt_ids: Iterable[str]) -> dict[str, AttemptRun]:
+        """Return the progress since the first heartbeat of those of ``attempt_ids`` running."""
+        found = {}
+        for attempt_id in attempt_ids:
+            known = self._steps.get(attempt_id)
+            if known is not None:
+                first_step, first_s, step, at_s, total_steps = known
+                found[attempt_id] = AttemptRun(at_s - first_s, step - first_step,
+                                               total_steps - first_step)
+        return found
+
+    def is_straggler(self, attempt_id: str, service_times: ServiceTimes) -> bool:
+        """Check one attempt against the typical service time of its parameter class."""
+        parameter_class = self._classes.get(attempt_id)
+        if parameter_class is None:
+            return False
+        typical_s = service_times.median_s(parameter_class)
+        return bool(stragglers(self.runs([attempt_id]), typical_s))

@@ -7,12 +7,17 @@ the tests run the same code. Three policies:
 - ``fixed_race``: always twice as many attempts in flight as open slots.
 - ``adaptive``: enough attempts that the expected acceptances cover the open slots, given
   the acceptance rate observed for the model and parameter class, plus speculative
-  attempts only while the GPU pool has idle slots.
+  attempts only while the GPU pool has idle slots. A running attempt whose step rate
+  projects a remaining time far above its class's typical service time is a straggler,
+  and the flight replaces it with a fresh attempt.
 """
 
 from __future__ import annotations
 
+import collections
 import math
+import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -25,6 +30,16 @@ class RacingPolicy(StrEnum):
 
 # Acceptance estimates below this are clamped, so one unlucky class cannot launch hundreds.
 MIN_ACCEPTANCE = 0.1
+# An attempt whose projected remaining time exceeds this many typical service times of its
+# class is a straggler: a fresh attempt is expected to finish sooner.
+STRAGGLER_FACTOR = 2.0
+# Attempts with fewer steps measured than this are not judged, because a few milliseconds
+# of scheduling jitter on one short step could mark a normal attempt as slow.
+STRAGGLER_MIN_STEPS = 2
+# A surplus attempt this close to done, in typical service times, may finish into the cache.
+FINISH_INTO_CACHE_FACTOR = 0.5
+# Service times remembered per class for the typical service time.
+SERVICE_WINDOW = 500
 
 
 @dataclass(frozen=True)
@@ -73,11 +88,16 @@ def attempts_to_launch(policy: RacingPolicy, inputs: RaceInputs) -> RaceDecision
         return RaceDecision(_clamp(needed, inputs.budget_left), 0)
 
     rate = min(1.0, max(MIN_ACCEPTANCE, inputs.acceptance_rate))
-    # NOTE: `bench racing` missed its latency targets at 80-100% load: rounding up launches
-    # 2n+1 attempts at acceptance just under 0.5, and retries wait behind newer jobs' first
-    # attempts. Untested remedies: round the need when the pool is saturated, and give
-    # later rounds of an older job priority at the workers.
-    expected_need = math.ceil(inputs.open_slots / rate - 1e-9)
+    # NOTE: at half load `bench racing`'s simulation puts adaptive p99 at 0.49 of
+    # sequential's, against a 0.45 target: replacements and retries of older jobs queue
+    # behind newer jobs' attempts. Oldest-job-first dispatch at the workers reached 0.40.
+    # A saturated pool rounds the need to the nearest attempt instead of up. Rounding up
+    # launches 2n + 1 attempts for n slots at an estimate just under 0.5, and each surplus
+    # attempt delays the work of other jobs queued behind it.
+    if inputs.pool_idle_slots > 0:
+        expected_need = math.ceil(inputs.open_slots / rate - 1e-9)
+    else:
+        expected_need = max(inputs.open_slots, round(inputs.open_slots / rate))
     needed = _clamp(expected_need - inputs.in_flight, inputs.budget_left)
     if inputs.backpressure:
         return RaceDecision(needed, 0)
@@ -87,6 +107,56 @@ def attempts_to_launch(policy: RacingPolicy, inputs: RaceInputs) -> RaceDecision
     idle_after = inputs.pool_idle_slots - needed
     speculative = min(idle_after, ceiling, inputs.budget_left - needed)
     return RaceDecision(needed, max(0, speculative))
+
+
+@dataclass(frozen=True)
+class AttemptRun:
+    """Progress of one running attempt, from its worker's step heartbeats."""
+
+    running_s: float
+    steps_done: int
+    total_steps: int
+
+    def remaining_s(self) -> float | None:
+        """Project the time left at the attempt's own step rate; None before the first step."""
+        if self.steps_done <= 0:
+            return None
+        step_s = self.running_s / self.steps_done
+        return step_s * max(0, self.total_steps - self.steps_done)
+
+
+def stragglers(runs: Mapping[str, AttemptRun], typical_service_s: float | None,
+               factor: float = STRAGGLER_FACTOR,
+               min_steps: int = STRAGGLER_MIN_STEPS) -> list[str]:
+    """Return the running attempts that a fresh attempt is expected to beat.
+
+    Service times are heavy-tailed and fixed per attempt, so an attempt's step rate after
+    its first steps predicts its total time. One whose remaining time exceeds ``factor``
+    typical service times costs more GPU time and latency than starting over.
+    """
+    if typical_service_s is None or typical_service_s <= 0:
+        return []
+    found = []
+    for attempt_id, run in runs.items():
+        remaining_s = run.remaining_s()
+        if run.steps_done < min_steps or remaining_s is None:
+            continue
+        if remaining_s > factor * typical_service_s:
+            found.append(attempt_id)
+    return found
+
+
+def worth_finishing(run: AttemptRun | None, typical_service_s: float | None,
+                    pool_idle_slots: int, factor: float = FINISH_INTO_CACHE_FACTOR) -> bool:
+    """Decide whether a surplus attempt should finish into the cache instead of stopping.
+
+    Only while the pool has idle slots, so finishing delays no other job, and only when the
+    projected remaining time is under ``factor`` typical service times.
+    """
+    if run is None or typical_service_s is None or pool_idle_slots <= 0:
+        return False
+    remaining_s = run.remaining_s()
+    return remaining_s is not None and remaining_s <= factor * typical_service_s
 
 
 def _clamp(value: int, budget: int) -> int:
@@ -115,3 +185,25 @@ class AcceptanceEstimator:
 
     def snapshot(self) -> dict[str, tuple[int, int]]:
         return dict(self._counts)
+
+
+class ServiceTimes:
+    """Recent service times of succeeded attempts per parameter class, for the typical one."""
+
+    def __init__(self, window: int = SERVICE_WINDOW, min_samples: int = 20) -> None:
+        self.window = window
+        self.min_samples = min_samples
+        self._seen: dict[str, collections.deque[float]] = {}
+
+    def observe(self, parameter_class: str, service_s: float) -> None:
+        seen = self._seen.setdefault(parameter_class, collections.deque(maxlen=self.window))
+        seen.append(service_s)
+
+    def median_s(self, parameter_class: str) -> float | None:
+        """Return the median service time, or None until enough attempts finished."""
+        # NOTE: replaced stragglers never finish, so this median reads somewhat below the
+        # median of all attempts; the simulation measured the policy with this bias.
+        seen = self._seen.get(parameter_class)
+        if seen is None or len(seen) < self.min_samples:
+            return None
+        return statistics.median(seen)

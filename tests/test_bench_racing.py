@@ -11,16 +11,19 @@ import pytest
 
 from bench import racing
 from bench.pipeline_run import AttemptLog, JobOutcome, duplicate_executions
+from bench.racing_sim import RacingSimulation, SimConfig, pooled_metrics, replicate_schedule
 from infra.kafka_broker import KafkaBroker
 from schemas.events import (
     AttemptFinished,
     AttemptStarted,
     AttemptStatus,
     JobCompleted,
+    JobRequested,
     JobStatus,
     SlotResult,
     Tier,
 )
+from streams.racing import RacingPolicy
 from streams.trace_replay import TraceRequest
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -128,13 +131,121 @@ def test_job_seed_is_stable() -> None:
     assert racing.job_seed(7, 3) != racing.job_seed(7, 4)
 
 
+SIM = SimConfig(replicates=2)
+
+
+def _sim_schedule(jobs: int = 12, window_s: float = 4.0, replicate: int = 0
+                  ) -> list[tuple[float, JobRequested]]:
+    rows = [_row(f"U{index}", arrival_s=float(index)) for index in range(jobs)]
+    return replicate_schedule(rows, window_s, replicate, SIM, racing.job_seed)
+
+
+@pytest.mark.parametrize("policy", list(RacingPolicy))
+def test_simulation_ends_every_job(policy: RacingPolicy) -> None:
+    result = RacingSimulation(SIM, policy, _sim_schedule()).run()
+
+    assert len(result.statuses) == 12
+    assert set(result.statuses) <= {"completed", "partial", "failed"}
+    assert len(result.latencies_s) == 12
+    assert min(result.latencies_s) > 0
+    assert result.delivered_slots == 12 * SIM.slots_per_job
+    assert result.duplicate_executions == 0
+    assert 0 < result.useful_gpu_s <= result.gpu_s
+    assert result.attempts_started <= sum(result.attempts_per_job)
+
+
+def test_simulation_repeats_for_same_seeds() -> None:
+    first = RacingSimulation(SIM, RacingPolicy.ADAPTIVE, _sim_schedule()).run()
+    second = RacingSimulation(SIM, RacingPolicy.ADAPTIVE, _sim_schedule()).run()
+    other = RacingSimulation(SIM, RacingPolicy.ADAPTIVE, _sim_schedule(replicate=1)).run()
+
+    assert first == second
+    assert first.latencies_s != other.latencies_s
+
+
+def test_simulated_sequential_never_cancels() -> None:
+    result = RacingSimulation(SIM, RacingPolicy.SEQUENTIAL, _sim_schedule()).run()
+
+    assert result.cancel_reasons == {}
+    assert result.attempts_started == sum(result.attempts_per_job)
+
+
+def test_simulated_adaptive_replaces_stragglers() -> None:
+    # Enough jobs that the typical service time is known before most attempts start.
+    result = RacingSimulation(SIM, RacingPolicy.ADAPTIVE, _sim_schedule(jobs=40)).run()
+
+    assert result.cancel_reasons.get("straggler", 0) > 0
+    assert result.cancel_reasons.get("slots filled", 0) > 0
+
+
+def test_pooled_metrics_spread_per_group() -> None:
+    runs = [RacingSimulation(SIM, RacingPolicy.FIXED_RACE, _sim_schedule(replicate=index)).run()
+            for index in range(4)]
+
+    metrics = pooled_metrics(runs, groups=2)
+
+    assert metrics["jobs"] == 48
+    assert metrics["completed"] + metrics["partial"] + metrics["failed"] == 48
+    assert len(metrics["p99_job_s_spread"]) == 2
+    assert metrics["p99_job_s"] >= metrics["p50_job_s"]
+    assert metrics["gpu_s_per_delivered_slot"] == pytest.approx(
+        metrics["gpu_s"] / metrics["delivered_slots"])
+    assert metrics["duplicate_executions"] == 0
+
+
+def _write_trace(path: Path, rows: int) -> None:
+    lines = ["gmt_create,predict_type,predict_status,exec_time_seconds,groupId,prompt_length,"
+             "negative_prompt_length,num_images_per_prompt,num_inference_steps,"
+             "checkpoint_model_version_id,num_lora"]
+    lines += [f"2024-11-15 16:57:{index:02d},TXT_2_IMG,SUCCEED,30.0,G{index:04d},60.0,,1.0,"
+              "30.0,M0000,0" for index in range(rows)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_simulated_only_keeps_real_results(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.csv"
+    _write_trace(trace, 8)
+    out = tmp_path / "racing.json"
+    out.write_text(json.dumps({"results": {"load_1.0": {}}, "cache": {"requests": 3}}))
+    parser = argparse.ArgumentParser()
+    racing.add_arguments(parser)
+    args = parser.parse_args(["--simulated-only", "--jobs", "6", "--loads", "1.0",
+                              "--sim-replicates", "2", "--trace", str(trace)])
+
+    report = racing.run(out, args)
+
+    assert json.loads(out.read_text()) == report
+    assert report["results"] == {"load_1.0": {}}
+    assert report["cache"] == {"requests": 3}
+    simulated = report["simulated"]
+    assert set(simulated["results"]["load_1.0"]) == set(racing.POLICIES)
+    assert simulated["results"]["load_1.0"]["adaptive"]["jobs"] == 12
+    assert any(target["name"].startswith("load_1.0") for target in simulated["targets"])
+
+
+def test_simulated_section_rendered(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.csv"
+    _write_trace(trace, 8)
+    parser = argparse.ArgumentParser()
+    racing.add_arguments(parser)
+    config = racing.RacingConfig.from_args(parser.parse_args(
+        ["--jobs", "6", "--loads", "0.5", "--sim-replicates", "2", "--trace", str(trace)]))
+
+    simulated = racing.run_simulated(config, racing.load_trace(trace))
+    lines = racing._simulated_section(simulated)
+
+    assert "### Racing, simulated" in lines
+    assert any(line.startswith("| 0.5 | adaptive | 12 |") for line in lines)
+    assert any("--simulated-only" in line for line in lines)
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_racing_suite_smoke(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     racing.add_arguments(parser)
     args = parser.parse_args([
-        "--jobs", "4", "--loads", "1.5", "--cache-requests", "6",
+        "--jobs", "4", "--loads", "1.5", "--cache-requests", "6", "--sim-replicates", "2",
         "--work-dir", str(tmp_path / "work"),
         "--bootstrap-servers", kafka_broker.bootstrap_servers,
     ])
@@ -168,6 +279,8 @@ def test_racing_suite_smoke(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
     assert setup["cpu_count"] >= 1
     assert setup["kafka"] != "unknown"
     assert "slotforge bench racing" in setup["commands"]["reproduce"]
+    assert set(report["simulated"]["results"]["load_1.5"]) == set(racing.POLICIES)
     page = racing.render_markdown(report)
     assert "## Racing" in page
     assert "| 1.5 | adaptive |" in page
+    assert "### Racing, simulated" in page

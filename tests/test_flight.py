@@ -19,7 +19,7 @@ from schemas.events import (
     ResultScored,
 )
 from streams.flight import Decision, FlightLimits, FlightState, PoolView
-from streams.racing import RacingPolicy
+from streams.racing import AttemptRun, RacingPolicy
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 SEQUENTIAL = FlightLimits(max_attempts_per_slot=3, policy=RacingPolicy.SEQUENTIAL)
@@ -330,3 +330,97 @@ def test_hung_attempt_redispatched_with_new_epoch() -> None:
     assert [outcome for _, outcome in result.outcomes] == ["timed_out"]
     assert flight.on_attempt_timeout(attempt.attempt_id, 1, NOW, SEQUENTIAL, BUSY,
                                       hung=True, reason="again").cancel == []
+
+
+def _straggling(flight: FlightState, attempt: AttemptDispatched, steps_done: int = 3,
+                running_s: float = 3.0) -> PoolView:
+    flight.attempts[attempt.attempt_id].phase = "running"
+    return PoolView(acceptance_rate=0.5, idle_slots=0, typical_service_s=0.2,
+                    running={attempt.attempt_id: AttemptRun(running_s, steps_done, 10)})
+
+
+def test_straggler_replaced_with_refund() -> None:
+    flight, decision = _admit(_request(slots=1), ADAPTIVE)
+    first, second = decision.dispatch
+    job = flight.jobs[first.job_id]
+    charged = job.attempts_charged
+
+    result = flight.replan(NOW, ADAPTIVE, _straggling(flight, first))
+
+    assert [cancel.attempt_id for cancel in result.cancel] == [first.attempt_id]
+    assert result.cancel[0].reason.startswith("straggler")
+    assert len(result.dispatch) == 1
+    assert flight.attempts[first.attempt_id].phase == "cancelled"
+    assert job.attempts_charged == charged
+    assert job.stragglers_replaced == 1
+
+
+def test_straggler_kept_when_fast_enough() -> None:
+    flight, decision = _admit(_request(slots=1), ADAPTIVE)
+    first = decision.dispatch[0]
+
+    # Seven steps left at 0.01 s each is below twice the typical 0.2 s.
+    result = flight.replan(NOW, ADAPTIVE, _straggling(flight, first, running_s=0.03))
+
+    assert result.cancel == []
+    assert result.dispatch == []
+
+
+def test_straggler_rule_only_for_adaptive() -> None:
+    flight, decision = _admit(_request(slots=1), SEQUENTIAL)
+    first = decision.dispatch[0]
+
+    result = flight.replan(NOW, SEQUENTIAL, _straggling(flight, first))
+
+    assert result.cancel == []
+    assert flight.attempts[first.attempt_id].phase == "running"
+
+
+def test_straggler_replacements_bounded() -> None:
+    flight, decision = _admit(_request(slots=1), ADAPTIVE)
+    job = flight.jobs[decision.dispatch[0].job_id]
+    job.stragglers_replaced = job.attempt_limit
+
+    result = flight.replan(NOW, ADAPTIVE, _straggling(flight, decision.dispatch[0]))
+
+    assert result.cancel == []
+
+
+def test_straggler_cancel_accounts_gpu() -> None:
+    flight, decision = _admit(_request(slots=1), ADAPTIVE)
+    first = decision.dispatch[0]
+    flight.replan(NOW, ADAPTIVE, _straggling(flight, first))
+
+    confirmed = _finish(flight, first, ADAPTIVE, status=AttemptStatus.CANCELLED)
+
+    assert flight.attempts[first.attempt_id].gpu_s == 1.0
+    assert [outcome for _, outcome in confirmed.outcomes] == ["cancelled"]
+
+
+def test_nearly_done_surplus_fills_cache() -> None:
+    flight, decision = _admit(_request(slots=1), ADAPTIVE)
+    first, second = decision.dispatch
+    flight.attempts[second.attempt_id].phase = "running"
+    pool = PoolView(acceptance_rate=0.5, idle_slots=2, typical_service_s=0.2,
+                    running={second.attempt_id: AttemptRun(0.9, 9, 10)})
+
+    result = _score(flight, first, True, limits=ADAPTIVE, pool=pool)
+
+    assert result.completed[0].status == JobStatus.COMPLETED
+    assert result.cancel == []
+    assert flight.attempts[second.attempt_id].phase == "running"
+
+    _score(flight, second, True, score=0.8, limits=ADAPTIVE, pool=pool)
+    assert [entry.attempt_id for entry in flight.cache] == [second.attempt_id]
+
+
+def test_surplus_cancelled_when_pool_busy() -> None:
+    flight, decision = _admit(_request(slots=1), ADAPTIVE)
+    first, second = decision.dispatch
+    flight.attempts[second.attempt_id].phase = "running"
+    pool = PoolView(acceptance_rate=0.5, idle_slots=0, typical_service_s=0.2,
+                    running={second.attempt_id: AttemptRun(0.9, 9, 10)})
+
+    result = _score(flight, first, True, limits=ADAPTIVE, pool=pool)
+
+    assert [cancel.attempt_id for cancel in result.cancel] == [second.attempt_id]
