@@ -96,7 +96,9 @@ async def test_worker_runs_saved_pipeline(settings: Settings, saved_model: Path)
 
     finished = decode_event(records[0].value, AttemptFinished)
     assert finished.status == AttemptStatus.SUCCEEDED
-    path = configured.artifact_dir.resolve() / attempt.job_id / f"{attempt.attempt_id}.png"
+    path = (configured.artifact_dir.resolve() / attempt.job_id
+            / f"{attempt.attempt_id}.e{attempt.epoch}.png")
+    assert finished.artifact_uri == path.as_uri()
     with Image.open(path) as image:
         stored = np.asarray(image.convert("RGB"))
     expected = _expected_pixels(getattr(torch, configured.worker.cpu_dtype), steps=3)
