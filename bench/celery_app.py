@@ -179,7 +179,8 @@ def _generate_slot(task: Task, worker: _Worker, job: dict[str, Any], slot: int,
         raise task.retry(exc=err, countdown=retry_countdown_s(worker.settings, retry,
                                                               worker.rng)) from err
 
-    uri = worker.store.write_png(job["job_id"], attempt, result.image)
+    # Each Celery attempt has its own id, so every file is its first and only epoch.
+    uri = worker.store.write_png(job["job_id"], attempt, result.image, epoch=1)
     score = score_png(worker.store.read(uri))
     accepted, reason = judge(score, worker.settings.accept_threshold)
     worker.record({"event": "finish", "attempt": attempt, "node": node, "at": time.time(),

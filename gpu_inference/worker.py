@@ -686,7 +686,7 @@ class GpuWorker:
             # Runs on the slot's thread; the queue belongs to the event loop.
             now_s = time.monotonic()
             due = step % every == 0 and now_s - last_sent_s >= min_interval_s
-            if step == 1 or step == total or due:
+            if due or step == total:
                 last_sent_s = now_s
                 loop.call_soon_threadsafe(progress.put_nowait, (step, total))
             if step < total and time.time() >= deadline:

@@ -141,8 +141,8 @@ class WorkerSettings(BaseModel):
     device: str = "auto"
     # Emit one progress heartbeat every N denoising steps.
     progress_every_steps: int = Field(default=1, ge=1)
-    # Minimum seconds between two heartbeats of one attempt; the first and last steps are
-    # always sent. Every heartbeat is an event for the coordinator, and per-step heartbeats
+    # Minimum seconds between two heartbeats of one attempt; the first due step and the
+    # last step are always sent. Every heartbeat is an event for the coordinator, and per-step heartbeats
     # of fast steps made them most of its load. Keep it well under the timeout policy's
     # one-second minimum silence.
     progress_min_interval_s: float = Field(default=0.25, ge=0)
