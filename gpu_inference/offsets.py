@@ -134,7 +134,7 @@ class FlowControlledConsumer:
         self.consumer = consumer
         self.group_id = group_id
         # The whole group waits out the grace, so it must end well within the rebalance
-        # timeout, which aiokafka sets to max_poll_interval_ms; past it members get evicted
+        # timeout, which aiokafka sets to max_poll_interval_ms. Past it, members get evicted
         # and rejoin in a loop.
         poll_interval_s = getattr(consumer, "_max_poll_interval_ms", 300_000) / 1000
         self.revoke_grace_s = min(self.REVOKE_GRACE_S, poll_interval_s / 3)

@@ -155,7 +155,7 @@ def build_dead_letter(
 ) -> DeadLetter:
     """Build the dead letter of an unprocessable record: its origin, the reason and its value.
 
-    A value longer than ``MAX_DEADLETTER_PAYLOAD_BYTES`` is truncated, and the reason says so.
+    A value longer than ``MAX_DEADLETTER_PAYLOAD_BYTES`` is truncated, and the reason states that.
     """
     payload = value or b""
     if len(payload) > MAX_DEADLETTER_PAYLOAD_BYTES:

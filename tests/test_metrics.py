@@ -147,6 +147,12 @@ def _value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: 
     return samples.get((name, tuple(sorted(labels.items()))))
 
 
+def _lag_groups(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> set[str]:
+    """Return the consumer groups that have a lag sample."""
+    return {dict(labels).get("group", "") for (name, labels) in samples
+            if name == "slotforge_consumer_lag_records"}
+
+
 async def _scrape_until(port: int, check: Any, timeout_s: float = 60.0
                         ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Scrape ``port`` until ``check(samples)`` is true; the endpoint may not be up yet."""
@@ -218,12 +224,10 @@ async def test_services_serve_metrics(
                   decision="admitted", reason="none") == len(requests)
     assert _value(admitted, "slotforge_cache_lookups_total", result="miss") == len(requests)
     coordinator_group = settings.kafka.topic_prefix + settings.coordinator.app_id
-    assert any(name == "slotforge_consumer_lag_records" and ("group", coordinator_group) in labels
-               for (name, labels) in admitted)
+    assert coordinator_group in _lag_groups(admitted)
     assert _value(worker_samples, "slotforge_attempts_in_flight",
                   pool=settings.worker.group_id) is not None
     assert _value(delivery_samples, "slotforge_dead_letters_total",
                   topic=settings.topics.jobs_completed, group=delivery_group,
                   error_type="json") == 1
-    assert any(name == "slotforge_consumer_lag_records" and ("group", delivery_group) in labels
-               for (name, labels) in delivery_samples)
+    assert delivery_group in _lag_groups(delivery_samples)

@@ -115,7 +115,7 @@ async def _running(service: Any, settings: Settings) -> AsyncIterator[asyncio.Ev
 
 
 async def test_worker_runs_attempts_end_to_end(settings: Settings) -> None:
-    # Every step's heartbeat, so the test sees the whole sequence.
+    # Every step's heartbeat, so the test checks the whole sequence.
     settings = _with_worker(settings, progress_min_interval_s=0.0)
     attempts = [_dispatch(job_key=f"acme:key{index}", slot=index) for index in range(3)]
     attempts[2] = attempts[2].model_copy(update={"tier": Tier.INTERACTIVE})
