@@ -441,7 +441,7 @@ async def _read_topics(kafka: KafkaSettings, names: Sequence[str]
 async def read_dispatches(kafka: KafkaSettings, job_ids: set[str]
                           ) -> dict[tuple[str, int], AttemptDispatched]:
     """Read every attempts topic: the first dispatch of each attempt and epoch."""
-    names = [kafka.topics.attempts(tier) for tier in Tier]
+    names = list(kafka.topics.attempt_topics)
     found: dict[tuple[str, int], AttemptDispatched] = {}
     for record in await _read_topics(kafka, names):
         event = decode_event(record.value, AttemptDispatched)

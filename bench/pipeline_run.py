@@ -40,7 +40,6 @@ from schemas.events import (
     JobCompleted,
     JobRequested,
     ResultScored,
-    Tier,
     decode_event,
     utc_now,
 )
@@ -306,9 +305,9 @@ class PipelineRun:
             log = await read_attempt_log(self.settings.kafka,
                                          self.settings.topics.coordinator_events, job_ids)
             lag = 0
-            for tier in Tier:
+            for topic in self.settings.topics.attempt_topics:
                 lag += await group_lag(self.settings.kafka, self.settings.worker.group_id,
-                                       self.settings.topics.attempts(tier))
+                                       topic)
             if (not log.unfinished() and lag == 0) or time.monotonic() > deadline:
                 if log.unfinished() or lag:
                     logger.warning(

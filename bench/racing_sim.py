@@ -7,7 +7,8 @@ real run's compressed trace window with its own job seeds. Every decision comes 
 cancellation of surplus attempts and fallback. Every attempt's service time and verdict
 come from ``SimulatedRunner``'s draw for its seed, as on the real simulated GPU.
 
-The pool is ``pool_slots`` slots fed by one FIFO queue of dispatched attempts. Kafka hops
+The pool is ``pool_slots`` slots fed by two FIFO queues of dispatched attempts, follow-ups
+first, as workers fetch a tier's follow-up topic before its first attempts. Kafka hops
 are fixed delays: from a dispatch decision to the queue, from a finished attempt to its
 verdict at the coordinator, and from a cancel decision to the freed slot. A cancelled
 attempt that no slot took yet is dropped from the queue without running.
@@ -87,6 +88,7 @@ class _Attempt:
     accepted: bool
     score: float
     steps: int
+    followup: bool = False
     started_s: float | None = None
     cancelled: bool = False
     token: int = 0
@@ -139,6 +141,7 @@ class RacingSimulation:
         self.jobs: dict[str, _Job] = {}
         self.attempts: dict[tuple[str, int], _Attempt] = {}
         self.queue: deque[_Attempt] = deque()
+        self.followups: deque[_Attempt] = deque()
         self.running: dict[str, _Attempt] = {}
         self.in_transit = 0
         self.free_slots = config.pool_slots
@@ -166,7 +169,7 @@ class RacingSimulation:
             elif kind == _ENQUEUE:
                 self.in_transit -= 1
                 if not item.cancelled:
-                    self.queue.append(item)
+                    (self.followups if item.followup else self.queue).append(item)
             elif kind == _FINISH:
                 self._finish(item)
             elif kind == _SCORE:
@@ -192,7 +195,7 @@ class RacingSimulation:
                 running[attempt.attempt_id] = AttemptRun(
                     running_s=(steps_done - 1) * attempt.service_s / attempt.steps,
                     steps_done=steps_done - 1, total_steps=attempt.steps - 1)
-        idle = self.free_slots - len(self.queue) - self.in_transit
+        idle = self.free_slots - len(self.queue) - len(self.followups) - self.in_transit
         return PoolView(acceptance_rate=self.acceptance.rate("sim"), idle_slots=idle,
                         running=running,
                         typical_service_s=self.service_times.median_s("sim"))
@@ -223,7 +226,7 @@ class RacingSimulation:
             score = random.Random(dispatch.seed).random() / 2 + (0.5 if accepted else 0.0)
             attempt = _Attempt(dispatch.attempt_id, dispatch.epoch, flight.job_key,
                                dispatch.job_id, dispatch.seed, service_s, accepted, score,
-                               dispatch.params.steps)
+                               dispatch.params.steps, dispatch.followup)
             self.attempts[(attempt.attempt_id, attempt.epoch)] = attempt
             self.jobs[dispatch.job_id].attempts += 1
             self.in_transit += 1
@@ -236,8 +239,8 @@ class RacingSimulation:
             job.fallback = sum(1 for slot in completed.slots if slot.fallback)
 
     def _start_queued(self) -> None:
-        while self.free_slots > 0 and self.queue:
-            attempt = self.queue.popleft()
+        while self.free_slots > 0 and (self.followups or self.queue):
+            attempt = (self.followups or self.queue).popleft()
             if attempt.cancelled:
                 continue
             self.free_slots -= 1

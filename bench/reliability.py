@@ -757,8 +757,6 @@ def consuming_groups(settings: Settings) -> dict[str, list[str]]:
     Every GPU worker and every coordinator reads the control and status topics from all
     partitions without a group, so their dead letters name the reading process instead.
     """
-    from schemas.events import Tier
-
     topics = settings.topics
     coordinator = f"{topics.prefix}{settings.coordinator.app_id}"
     groups = {
@@ -772,8 +770,8 @@ def consuming_groups(settings: Settings) -> dict[str, list[str]]:
         topics.control: [],
         topics.worker_status: [],
     }
-    for tier in Tier:
-        groups[topics.attempts(tier)] = [settings.worker.group_id]
+    for topic in topics.attempt_topics:
+        groups[topic] = [settings.worker.group_id]
     return groups
 
 

@@ -1,9 +1,12 @@
 """Feed a worker's tier policy with queue depths measured on its own partitions.
 
-Each measurement requests the end offsets of the worker's assigned
-``attempts.<tier>`` partitions and subtracts the consumer's positions, so paused partitions
-are measured without fetching their records. Between measurements the depths are lowered
-by the records the worker takes.
+Each measurement requests the end offsets of the worker's assigned attempts partitions and
+subtracts the consumer's positions, so paused partitions are measured without fetching their
+records. Between measurements the depths are lowered by the records the worker takes.
+
+Within a tier, follow-up attempts (retries, replacements, re-dispatches of started jobs)
+come first: while a tier's follow-up topic has records queued, only it is fetched for that
+tier, so a started job's later attempts do not wait behind newer jobs' first attempts.
 """
 
 from __future__ import annotations
@@ -29,17 +32,20 @@ class TierFetchPlanner:
 
     Args:
         fetcher: the worker's flow-controlled consumer.
-        topics: attempts topic name to its tier.
+        topics: attempts topic name to its tier, follow-up topics included.
         refresh_s: seconds between end-offset measurements.
+        followups: the topics of ``topics`` that carry follow-up attempts.
     """
 
     def __init__(self, fetcher: FlowControlledConsumer, topics: dict[str, Tier],
-                 scheduler: TierScheduler, refresh_s: float) -> None:
+                 scheduler: TierScheduler, refresh_s: float,
+                 followups: set[str] | frozenset[str] = frozenset()) -> None:
         self.fetcher = fetcher
         self.topics = topics
         self.scheduler = scheduler
         self.refresh_s = refresh_s
-        self._queued: dict[Tier, int] = {tier: 0 for tier in Tier}
+        self.followups = frozenset(followups)
+        self._queued: dict[str, int] = {topic: 0 for topic in topics}
         self._measured_at = float("-inf")
         self._measured_partitions: frozenset[TopicPartition] = frozenset()
         self._refresh: asyncio.Task[None] | None = None
@@ -54,6 +60,7 @@ class TierFetchPlanner:
 
     async def topics_for_fetch(self) -> set[str] | None:
         """Return the topics to fetch from next, or None for every topic (``fifo``)."""
+        # NOTE: ``fifo`` takes follow-ups in arrival order too, as it measures no depths.
         if self.scheduler.policy is TierPolicyName.FIFO:
             return None
         partitions = frozenset(tp for tp in self.fetcher.consumer.assignment()
@@ -73,9 +80,10 @@ class TierFetchPlanner:
             self._measured_at = now_s
             self._refresh = asyncio.create_task(self._measure(partitions))
         buffered = self.fetcher.buffered()
+        queued = {topic: count + buffered.get(topic, 0) for topic, count in self._queued.items()}
         observations = {
-            tier: TierObservation(queued=self._queued[tier] + sum(
-                count for topic, count in buffered.items() if self.topics.get(topic) is tier))
+            tier: TierObservation(queued=sum(
+                count for topic, count in queued.items() if self.topics[topic] is tier))
             for tier in Tier
         }
         decision = self.scheduler.decide(observations, now_s)
@@ -85,16 +93,30 @@ class TierFetchPlanner:
                          decision.reason,
                          {tier.value: item.queued for tier, item in observations.items()})
             self._last_reason = decision.reason
-        return {topic for topic, tier in self.topics.items() if tier in decision.resume}
+        return self._lanes(decision.resume, queued)
+
+    def _lanes(self, tiers: frozenset[Tier], queued: dict[str, int]) -> set[str]:
+        """Return the topics of the chosen tiers: only the follow-up topic of a tier with some
+        queued.
+
+        A tier whose follow-ups measure empty keeps both topics, so a follow-up published
+        since the last measurement is still fetched.
+        """
+        chosen: set[str] = set()
+        for tier in tiers:
+            topics = {topic for topic, owner in self.topics.items() if owner is tier}
+            waiting = {topic for topic in topics & self.followups if queued.get(topic, 0) > 0}
+            chosen |= waiting or topics
+        return chosen
 
     def taken(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
         """Count records the worker started against their tiers."""
         now_s = time.monotonic()
-        counts = collections.Counter(self.topics[record.topic] for record in records
+        counts = collections.Counter(record.topic for record in records
                                      if record.topic in self.topics)
-        for tier, count in counts.items():
-            self.scheduler.served(tier, count, now_s)
-            self._queued[tier] = max(0, self._queued[tier] - count)
+        for topic, count in counts.items():
+            self.scheduler.served(self.topics[topic], count, now_s)
+            self._queued[topic] = max(0, self._queued[topic] - count)
 
     async def _measure(self, partitions: frozenset[TopicPartition]) -> None:
         consumer = self.fetcher.consumer
@@ -105,12 +127,12 @@ class TierFetchPlanner:
             logger.warning("Failed to read end offsets of %d attempts partitions: %s",
                            len(partitions), err)
             return
-        queued = {tier: 0 for tier in Tier}
+        queued = {topic: 0 for topic in self.topics}
         for tp in partitions:
             try:
                 position = await consumer.position(tp)
             except Exception as err:  # noqa: BLE001 - revoked mid-measurement; skip it
                 logger.debug("No position for %s[%d]: %s", tp.topic, tp.partition, err)
                 continue
-            queued[self.topics[tp.topic]] += max(0, ends.get(tp, position) - position)
+            queued[tp.topic] += max(0, ends.get(tp, position) - position)
         self._queued = queued

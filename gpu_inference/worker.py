@@ -216,7 +216,7 @@ class GpuWorker:
         worker_settings = settings.worker
         self.tier_planner = TierFetchPlanner(
             self.fetcher,
-            {self.topics.attempts(tier): tier for tier in Tier},
+            self.topics.attempt_topics,
             TierScheduler(
                 TierPolicyName(worker_settings.tier_policy),
                 aging_s=worker_settings.tier_aging_s,
@@ -224,6 +224,7 @@ class GpuWorker:
                          for name, weight in worker_settings.tier_weights.items()},
             ),
             refresh_s=worker_settings.tier_refresh_s,
+            followups={self.topics.followups(tier) for tier in Tier},
         )
         # Full batches leave fewer calls running than slots, so each thread gets more cores.
         concurrent_calls = -(-self.slots // self.batcher.max_batch_size)
@@ -249,7 +250,7 @@ class GpuWorker:
                                                        auto_offset_reset="latest")
 
     async def run(self, stop: asyncio.Event) -> None:
-        topics = [self.topics.attempts(tier) for tier in Tier]
+        topics = list(self.topics.attempt_topics)
         logger.info(
             "Starting GPU worker %s: group %s, %d slots, batches of up to %d, tier policy %s, "
             "device %s, model path %s, topics %s",

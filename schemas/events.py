@@ -165,6 +165,8 @@ class AttemptDispatched(_Event):
     tier: Tier
     dispatched_at: AwareDatetime = Field(default_factory=utc_now)
     deadline_at: AwareDatetime
+    # Dispatched after the job's first attempts: a retry, a replacement or a re-dispatch.
+    followup: bool = False
 
 
 class _AttemptEvent(_Event):

@@ -29,7 +29,19 @@ class TopicNames:
         return self._name("coordinator.events")
 
     def attempts(self, tier: Tier) -> str:
+        """First attempts of the tier's jobs."""
         return self._name(f"attempts.{tier.value}")
+
+    def followups(self, tier: Tier) -> str:
+        """Later attempts of the tier's jobs (retries, replacements, re-dispatches), which
+        workers take before first attempts so a started job finishes before new ones."""
+        return self._name(f"attempts.{tier.value}.followup")
+
+    @property
+    def attempt_topics(self) -> dict[str, Tier]:
+        """Every attempts topic, first attempts and follow-ups, to its tier."""
+        return {name: tier for tier in Tier
+                for name in (self.attempts(tier), self.followups(tier))}
 
     @property
     def generated(self) -> str:
@@ -83,7 +95,7 @@ class TopicNames:
         return [
             self.jobs_requested,
             self.coordinator_events,
-            *(self.attempts(tier) for tier in Tier),
+            *self.attempt_topics,
             self.generated,
             self.jobs_completed,
             self.jobs_delivered,

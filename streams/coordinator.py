@@ -179,6 +179,7 @@ class Coordinator:
         self.control_topic = self._raw_topic(topics.control)
         self.deadletter_topic = self._raw_topic(topics.deadletter)
         self.attempt_topics = {tier: self._raw_topic(topics.attempts(tier)) for tier in Tier}
+        self.followup_topics = {tier: self._raw_topic(topics.followups(tier)) for tier in Tier}
         self.retry_topics = {level: self._raw_topic(topics.retry(level))
                              for level in range(1, RETRY_LEVELS + 1)}
         self.flights = self.app.Table(
@@ -753,7 +754,9 @@ class Coordinator:
         Re-dispatches (epoch above 1) keep the default partitioner, so an attempt that hung on
         a worker with its model warm is not sent straight back to it.
         """
-        if not self.settings.coordinator.affinity_routing or attempt.epoch > 1:
+        # NOTE: follow-ups are not routed: their topic's partitions are owned independently
+        # of the first-attempt topic's, and workers report only the latter.
+        if not self.settings.coordinator.affinity_routing or attempt.followup:
             return None
         views: list[WorkerView] = []
         owned: dict[str, list[int]] = {}
@@ -774,8 +777,12 @@ class Coordinator:
                      attempt.attempt_id, attempt.params.model, worker_id, partition)
         return partition
 
+    def _attempt_topic(self, attempt: AttemptDispatched) -> Any:
+        topics = self.followup_topics if attempt.followup else self.attempt_topics
+        return topics[attempt.tier]
+
     async def _send_attempt(self, flight: FlightState, attempt: AttemptDispatched) -> None:
-        topic = self.attempt_topics[attempt.tier]
+        topic = self._attempt_topic(attempt)
         partition = self._affinity_partition(attempt)
         with stage_span(
             self.tracer, f"send {topic.get_topic_name()}", "dispatch",
@@ -804,7 +811,7 @@ class Coordinator:
     async def _send_retry(self, attempt: AttemptDispatched, retry_no: int) -> None:
         """Dispatch an attempt again through a delay topic, after backoff with jitter."""
         delay_s = self.backoff.delay_s(retry_no)
-        target = self.attempt_topics[attempt.tier].get_topic_name()
+        target = self._attempt_topic(attempt).get_topic_name()
         headers = retry_headers(None, target, retry_no, time.time() + delay_s, "attempt_failed")
         await self.retry_topics[retry_level(retry_no)].send(
             key=f"{attempt.attempt_id}:{attempt.epoch}".encode(), value=encode_event(attempt),

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from schemas.events import (
     AttemptCancel,
@@ -129,6 +129,8 @@ class AttemptRecord(BaseModel):
     cancel_reason: str | None = None
     used: bool = False
     retries: int = 0
+    # Launched after the admission of a job: a retry, a replacement or a top-up.
+    followup: bool = False
 
     @property
     def live(self) -> bool:
@@ -191,6 +193,8 @@ class FlightState(BaseModel):
     jobs: dict[str, JobRecord] = Field(default_factory=dict)
     attempts: dict[str, AttemptRecord] = Field(default_factory=dict)
     cache: list[CacheEntry] = Field(default_factory=list)
+    # True only inside ``admit``; not stored.
+    _admitting: bool = PrivateAttr(default=False)
 
     @classmethod
     def for_request(cls, request: JobRequested) -> FlightState:
@@ -239,7 +243,13 @@ class FlightState(BaseModel):
             job.slots.append(SlotResult(slot=len(job.slots), attempt_id=entry.attempt_id,
                                         artifact_uri=entry.artifact_uri, score=entry.score,
                                         cached=True))
-        return self._settle(now, limits, pool)
+        # Attempts launched while admitting are first attempts, whichever job they are charged
+        # to; every later one is a follow-up.
+        self._admitting = True
+        try:
+            return self._settle(now, limits, pool)
+        finally:
+            self._admitting = False
 
     def pending_dispatches(self, now: datetime) -> list[AttemptDispatched]:
         """Dispatch events of attempts no worker has claimed yet, to publish again.
@@ -633,6 +643,7 @@ class FlightState(BaseModel):
             seq=self.seq,
             seed=(self.seed_base + self.seq * _SEED_STRIDE) % 2**63,
             dispatched_at=now,
+            followup=not self._admitting,
         )
         self.attempts[record.attempt_id] = record
         return self._dispatch_event(record, now)
@@ -652,6 +663,7 @@ class FlightState(BaseModel):
             tier=job.tier,
             dispatched_at=now,
             deadline_at=job.deadline_at,
+            followup=record.followup or record.epoch > 1,
         )
 
     def _cancel(self, record: AttemptRecord, reason: str) -> AttemptCancel:

@@ -88,9 +88,6 @@ def attempts_to_launch(policy: RacingPolicy, inputs: RaceInputs) -> RaceDecision
         return RaceDecision(_clamp(needed, inputs.budget_left), 0)
 
     rate = min(1.0, max(MIN_ACCEPTANCE, inputs.acceptance_rate))
-    # NOTE: at half load `bench racing`'s simulation puts adaptive p99 at 0.49 of
-    # sequential's, against a 0.45 target: replacements and retries of older jobs queue
-    # behind newer jobs' attempts. Oldest-job-first dispatch at the workers reached 0.40.
     # A saturated pool rounds the need to the nearest attempt instead of up. Rounding up
     # launches 2n + 1 attempts for n slots at an estimate just under 0.5, and each surplus
     # attempt delays the work of other jobs queued behind it.

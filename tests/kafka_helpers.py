@@ -15,17 +15,18 @@ from streams.kafka import make_consumer, make_producer, topic_partitions
 
 
 class TopicReader:
-    """Read a topic from its beginning without a consumer group."""
+    """Read one or more topics from their beginning without a consumer group."""
 
-    def __init__(self, settings: KafkaSettings, topic: str) -> None:
+    def __init__(self, settings: KafkaSettings, topic: str, *more: str) -> None:
         self.settings = settings
         self.topic = topic
+        self.topics = (topic, *more)
         self.consumer: AIOKafkaConsumer = make_consumer(settings, group_id=None)
         self.records: list[ConsumerRecord[bytes, bytes]] = []
 
     async def __aenter__(self) -> TopicReader:
         await self.consumer.start()
-        partitions = await topic_partitions(self.settings, self.topic)
+        partitions = await topic_partitions(self.settings, *self.topics)
         self.consumer.assign(partitions)
         await self.consumer.seek_to_beginning(*partitions)
         return self
@@ -48,7 +49,7 @@ class TopicReader:
         while not predicate(self.records):
             if time.monotonic() > deadline:
                 raise AssertionError(
-                    f"condition not met on {self.topic} within {timeout_s:.0f} s; "
+                    f"condition not met on {', '.join(self.topics)} within {timeout_s:.0f} s; "
                     f"saw {len(self.records)} records"
                 )
             await self.poll()

@@ -71,17 +71,23 @@ async def test_job_fills_slots_and_retries_rejection(settings: Settings, coordin
 
     request = _request(slots=2)
     async with SlotforgeClient(settings.kafka) as client, \
-            TopicReader(settings.kafka, settings.topics.attempts(Tier.STANDARD)) as attempts:
+            TopicReader(settings.kafka, settings.topics.attempts(Tier.STANDARD),
+                        settings.topics.followups(Tier.STANDARD)) as attempts:
         await client.submit(request)
         records = await attempts.wait_for(lambda seen: len(seen) >= 2, timeout_s=90)
         first, second = _attempts(records)
         assert first.job_id == second.job_id == request.job_id
         assert first.attempt_id != second.attempt_id
+        assert not first.followup
+        assert {record.topic for record in records} == {settings.topics.attempts(Tier.STANDARD)}
 
         await _report(settings, first, accepted=True, score=0.9)
         await _report(settings, second, accepted=False, score=0.2)
         records = await attempts.wait_for(lambda seen: len(seen) >= 3)
         retry = _attempts(records)[2]
+        # A retry of a started job waits in the follow-up topic, which workers take first.
+        assert retry.followup
+        assert records[2].topic == settings.topics.followups(Tier.STANDARD)
         assert retry.attempt_id not in (first.attempt_id, second.attempt_id)
         assert retry.seed not in (first.seed, second.seed)
 

@@ -117,6 +117,24 @@ def test_rejection_retries_then_completes() -> None:
     assert done.completed[0].attempts == 2
 
 
+def test_later_attempts_are_followups() -> None:
+    flight, decision = _admit(_request(slots=2))
+    assert [attempt.followup for attempt in decision.dispatch] == [False, False]
+
+    retry = _score(flight, decision.dispatch[0], False).dispatch
+    assert [attempt.followup for attempt in retry] == [True]
+
+    # A second identical job's first round is not a follow-up, though its flight started.
+    second = flight.admit(_request(slots=1), NOW, SEQUENTIAL, BUSY)
+    assert second.dispatch
+    assert not any(attempt.followup for attempt in second.dispatch)
+
+    # The flag survives the table's JSON round trip, so a republish keeps its topic.
+    restored = FlightState.model_validate_json(flight.model_dump_json())
+    assert [attempt.followup for attempt in restored.pending_dispatches(NOW)] == [
+        attempt.followup for attempt in flight.pending_dispatches(NOW)]
+
+
 def test_attempt_limit_falls_back_to_best_rejected() -> None:
     flight, decision = _admit(_request(slots=1))
     attempt = decision.dispatch[0]
@@ -169,6 +187,7 @@ def test_expired_lease_redispatches_with_higher_epoch() -> None:
     result = flight.on_lease_expired(attempt.attempt_id, later, SEQUENTIAL, BUSY)
     assert result.dispatch[0].attempt_id == attempt.attempt_id
     assert result.dispatch[0].epoch == attempt.epoch + 1
+    assert result.dispatch[0].followup
     assert result.cancel[0].worker_id == "w1"
     assert not _claim(flight, attempt, "w2", later)
     assert _claim(flight, result.dispatch[0], "w2", later)

@@ -104,7 +104,8 @@ async def test_hung_attempt_redispatched(settings: Settings, service_env: dict[s
     )
     try:
         async with SlotforgeClient(settings.kafka) as client, \
-                TopicReader(settings.kafka, settings.topics.attempts(Tier.STANDARD)) as attempts:
+                TopicReader(settings.kafka, settings.topics.attempts(Tier.STANDARD),
+                            settings.topics.followups(Tier.STANDARD)) as attempts:
             await client.submit(request)
             records = await attempts.wait_for(
                 lambda seen: any(decode_event(r.value, AttemptDispatched).epoch >= 2
@@ -118,6 +119,7 @@ async def test_hung_attempt_redispatched(settings: Settings, service_env: dict[s
 
     dispatched = [decode_event(record.value, AttemptDispatched) for record in records]
     first, again = dispatched[0], next(d for d in dispatched if d.epoch >= 2)
+    assert again.followup
     assert again.attempt_id == first.attempt_id
     assert again.seed == first.seed
     assert completed.status == JobStatus.COMPLETED

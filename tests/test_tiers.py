@@ -103,12 +103,12 @@ def test_scheduler_rejects_bad_weights() -> None:
 
 # ---- a GPU worker on the real broker ----------------------------------------------------------
 
-def _attempt(tier: Tier, index: int) -> AttemptDispatched:
+def _attempt(tier: Tier, index: int, *, followup: bool = False) -> AttemptDispatched:
     return AttemptDispatched(
         attempt_id=f"{tier.value}-{index}-{uuid.uuid4().hex[:8]}", job_id=uuid.uuid4().hex,
         job_key=f"acme:{tier.value}-{index}", tenant_id="acme", slot=0, attempt_no=1,
         params=GenerationParams(model="M1", prompt="plan", steps=2), seed=index,
-        tier=tier, deadline_at=utc_now() + timedelta(seconds=300),
+        tier=tier, deadline_at=utc_now() + timedelta(seconds=300), followup=followup,
     )
 
 
@@ -117,7 +117,9 @@ async def _enqueue(settings: Settings, attempts: list[AttemptDispatched]) -> Non
     await producer.start()
     try:
         for attempt in attempts:
-            await producer.send_and_wait(settings.topics.attempts(attempt.tier),
+            topic = (settings.topics.followups(attempt.tier) if attempt.followup
+                     else settings.topics.attempts(attempt.tier))
+            await producer.send_and_wait(topic,
                                          encode_event(attempt),
                                          key=attempt.attempt_id.encode())
     finally:
@@ -135,7 +137,12 @@ def _tier_settings(settings: Settings, policy: str, **changes: Any) -> Settings:
 
 async def _start_order(settings: Settings, expected: int) -> list[Tier]:
     """Run one worker until ``expected`` attempts started; return their tiers in order."""
-    tier_of: dict[str, Tier] = {}
+    return [Tier(attempt_id.split("-", 1)[0])
+            for attempt_id in await _started(settings, expected)]
+
+
+async def _started(settings: Settings, expected: int) -> list[str]:
+    """Run one worker until ``expected`` attempts started; return their ids in order."""
     stop = asyncio.Event()
     async with ClaimGranter(settings.kafka), \
             TopicReader(settings.kafka, settings.topics.coordinator_events) as events:
@@ -150,9 +157,7 @@ async def _start_order(settings: Settings, expected: int) -> list[Tier]:
     started = [decode_event(record.value, AttemptStarted) for record in events.records
                if b'"attempt.started"' in (record.value or b"")]
     started.sort(key=lambda event: event.started_at)
-    for event in started:
-        tier_of[event.attempt_id] = Tier(event.attempt_id.split("-", 1)[0])
-    return [tier_of[event.attempt_id] for event in started]
+    return [event.attempt_id for event in started]
 
 
 @pytest.mark.integration
@@ -180,3 +185,20 @@ async def test_batch_not_starved_by_interactive(settings: Settings) -> None:
     assert order[0] is Tier.INTERACTIVE
     assert Tier.BATCH in order
     assert order.count(Tier.BATCH) <= 3
+
+
+@pytest.mark.integration
+async def test_followups_run_before_older_first_attempts(settings: Settings) -> None:
+    configured = _tier_settings(settings, "strict")
+    # First attempts of new jobs were queued before the follow-ups of started jobs.
+    firsts = [_attempt(Tier.STANDARD, index) for index in range(40)]
+    followups = [_attempt(Tier.STANDARD, 100 + index, followup=True) for index in range(12)]
+    await _enqueue(configured, firsts)
+    await _enqueue(configured, followups)
+
+    order = await _started(configured, expected=14)
+
+    # The first fetch may take first attempts, because no depths are measured yet. After it
+    # the follow-ups go first, where taking partitions in turn would alternate the two.
+    followup_ids = {attempt.attempt_id for attempt in followups}
+    assert sum(attempt_id in followup_ids for attempt_id in order[:14]) >= 11
