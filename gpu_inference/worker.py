@@ -645,6 +645,7 @@ class GpuWorker:
             job_key=event.job_key,
             epoch=event.epoch,
             worker_id=self.worker_id,
+            progress_every_steps=self.settings.worker.progress_every_steps,
         )
         await self._send_coordinator(started, event.job_key, headers, wait=True)
 

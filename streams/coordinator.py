@@ -604,6 +604,7 @@ class Coordinator:
             total_steps=flight.params.steps, deadline_at_s=job.deadline_at.timestamp(),
             retries_left=job.budget_left,
             other_attempts=max(0, live_for_job - job.open_slots),
+            report_every_steps=started.progress_every_steps,
         )
 
     def _adopt(self, flight: FlightState, progress: AttemptProgress) -> None:
