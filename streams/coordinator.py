@@ -49,7 +49,13 @@ from schemas.events import (
     encode_event,
 )
 from schemas.topics import RETRY_LEVELS
-from streams.admission import AdmissionAction, AdmissionPolicy, PoolLoad, TenantQuotas
+from streams.admission import (
+    AdmissionAction,
+    AdmissionPolicy,
+    PoolLoad,
+    TenantQuotas,
+    WorkerTierOrder,
+)
 from streams.admission import decide as decide_admission
 from streams.config import Settings, load_settings
 from streams.flight import AttemptRecord, Decision, FlightLimits, FlightState, PoolView
@@ -160,7 +166,11 @@ class Coordinator:
         self.running = RunningAttempts()
         self.service_times = ServiceTimes()
         self.liveness = LivenessTracker()
-        self.admission = AdmissionPolicy()
+        worker = settings.worker
+        # The wait estimate models the order in which the workers take tiers.
+        self.admission = AdmissionPolicy(
+            tier_order=WorkerTierOrder(worker.tier_policy),
+            shares={Tier(name): weight for name, weight in worker.tier_weights.items()})
         self.quotas = (TenantQuotas(config.tenant_quota_slots_per_s,
                                     config.tenant_quota_burst_slots)
                        if config.tenant_quota_slots_per_s > 0 else None)
@@ -365,6 +375,8 @@ class Coordinator:
             logger.info("Downgrading job %s from %s to %s: %s", request.job_id,
                         request.tier.value, decision.tier.value, decision.reason)
             return request.model_copy(update={"tier": decision.tier}), None, "downgraded"
+        logger.info("Admission of job %s tier=%s: estimated wait %.1f s, %s", request.job_id,
+                    request.tier.value, decision.estimated_wait_s, decision.reason)
         return request, None, "admitted"
 
     # ---- table access -----------------------------------------------------------------------
