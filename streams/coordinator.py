@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 from faust.types import EventT
 from opentelemetry.trace import SpanKind
 
-from gpu_inference.affinity import WorkerView, route_partition
+from gpu_inference.affinity import WorkerView, route_partition, route_shortest_queue
 from gpu_inference.artifacts import ArtifactError, ArtifactStore
 from schemas.errors import EventDecodeError
 from schemas.events import (
@@ -759,9 +759,10 @@ class Coordinator:
             return None
         return extract_context([("traceparent", job.traceparent.encode())])
 
-    def _affinity_partition(self, attempt: AttemptDispatched) -> int | None:
-        """Partition of the attempt's tier topic owned by the worker that affinity picks, or
-        None to let the default partitioner choose.
+    def _affinity_partition(self, attempt: AttemptDispatched) -> tuple[str, int] | None:
+        """Worker and partition of the attempt's tier topic: the worker that affinity picks
+        or, with no worker free, the one with the shortest queue. None lets the default
+        partitioner choose.
 
         Re-dispatches (epoch above 1) keep the default partitioner, so an attempt that hung on
         a worker with its model warm is not sent straight back to it.
@@ -777,19 +778,26 @@ class Coordinator:
             views.append(WorkerView(status.worker_id, status.slots - status.busy - len(routed),
                                     frozenset(status.warm_models)))
             owned[status.worker_id] = status.partitions.get(attempt.tier, [])
+        record_key = f"{attempt.attempt_id}:{attempt.epoch}"
         routed_to = route_partition(views, owned, attempt.params.model, attempt.params.loras,
-                                    f"{attempt.attempt_id}:{attempt.epoch}")
+                                    record_key)
+        if routed_to is None:
+            routed_to = route_shortest_queue(owned, self.pool.queued_by_worker(), record_key)
         if routed_to is None:
             return None
         worker_id, partition = routed_to
         self._routed_at.setdefault(worker_id, []).append(time.time())
         logger.debug("Routing attempt %s (model %s) to worker %s, partition %d",
                      attempt.attempt_id, attempt.params.model, worker_id, partition)
-        return partition
+        return routed_to
 
     async def _send_attempt(self, flight: FlightState, attempt: AttemptDispatched) -> None:
         topic = self.attempt_topics[attempt.tier]
-        partition = self._affinity_partition(attempt)
+        routed_to = self._affinity_partition(attempt)
+        worker_id: str | None = None
+        partition: int | None = None
+        if routed_to is not None:
+            worker_id, partition = routed_to
         with stage_span(
             self.tracer, f"send {topic.get_topic_name()}", "dispatch",
             parent=self._job_context(flight, attempt.job_id), kind=SpanKind.PRODUCER,
@@ -810,7 +818,7 @@ class Coordinator:
                 key=f"{attempt.attempt_id}:{attempt.epoch}".encode(),
                 value=encode_event(attempt), headers=inject_headers(span), partition=partition,
             )
-        self.pool.dispatched(attempt.attempt_id, attempt.tier)
+        self.pool.dispatched(attempt.attempt_id, attempt.tier, worker_id)
         logger.debug("Dispatched attempt %s (epoch %d) of job %s",
                      attempt.attempt_id, attempt.epoch, attempt.job_id)
 
