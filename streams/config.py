@@ -175,6 +175,10 @@ class WorkerSettings(BaseModel):
     claim_ahead: int = Field(default=1, ge=0, le=64)
     # Seconds between measurements of the queued attempts per tier (end offsets).
     tier_refresh_s: float = Field(default=0.2, gt=0)
+    # Longest time the broker holds a fetch of the attempts topics open while no record
+    # arrives. aiokafka keeps one fetch per broker in flight, so a partition the tier policy
+    # resumes waits for that fetch to return: the default 500 ms idled freed slots.
+    attempts_fetch_max_wait_ms: int = Field(default=50, ge=0)
 
     @model_validator(mode="after")
     def _check_tier_weights(self) -> WorkerSettings:
