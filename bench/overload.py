@@ -637,7 +637,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         "Policies, in the same run on the same jobs: none admits every job and the workers "
         "take attempts of all tiers in fetch order (tier policy fifo); admission runs the "
         "coordinator's admission control (admit, downgrade, or reject with retry_after) and "
-        "the workers' strict-priority tier policy with 10 s aging.",
+        "the workers' strict-priority tier policy with 10 s aging. Admission estimates a "
+        "job's wait as the attempts queued in its tier and every more important tier over "
+        "the pool's measured throughput, and admits the job when that wait plus its own "
+        "service time fits in 80% of its deadline.",
         "Columns: GPU busy while backlogged integrates busy slots over the time at least one "
         "attempt that later ran was waiting (from dispatch to start), from the attempt events "
         "and the attempts topics; claim round trips and attempts skipped after their job "

@@ -159,6 +159,28 @@ def route_partition(
     return chosen, partitions[zlib.crc32(record_key.encode("utf-8")) % len(partitions)]
 
 
+def route_shortest_queue(
+    owned_partitions: Mapping[str, Sequence[int]],
+    queued: Mapping[str, int],
+    record_key: str,
+) -> tuple[str, int] | None:
+    """Pick the worker with the fewest attempts queued for it and one of its partitions.
+
+    For a saturated pool, where no worker is free: a worker takes attempts only from its
+    own partitions, so spreading them by key alone leaves one worker idle at the end of a
+    backlog while the other still has a queue. Ties go to the worker that ranks highest
+    for ``record_key``. Returns None when no worker owns partitions.
+    """
+    candidates = sorted(worker_id for worker_id, partitions in owned_partitions.items()
+                        if partitions)
+    if not candidates:
+        return None
+    chosen = min(candidates, key=lambda worker_id: (
+        queued.get(worker_id, 0), rendezvous_rank(record_key, worker_id)))
+    partitions = sorted(owned_partitions[chosen])
+    return chosen, partitions[zlib.crc32(record_key.encode("utf-8")) % len(partitions)]
+
+
 def pick_random(workers: Sequence[WorkerView], rng: random.Random) -> str | None:
     """Pick any free worker uniformly at random (the baseline); None when none is free."""
     free = sorted(worker.worker_id for worker in workers if worker.free_slots > 0)

@@ -210,7 +210,8 @@ class GpuWorker:
         self.producer: AIOKafkaProducer = make_producer(settings.kafka)
         self.fetcher = FlowControlledConsumer(
             make_consumer(settings.kafka, group_id=self.group_id,
-                          max_poll_records=self.slots + settings.worker.claim_ahead),
+                          max_poll_records=self.slots + settings.worker.claim_ahead,
+                          fetch_max_wait_ms=settings.worker.attempts_fetch_max_wait_ms),
             self.group_id,
         )
         worker_settings = settings.worker
@@ -646,6 +647,7 @@ class GpuWorker:
             job_key=event.job_key,
             epoch=event.epoch,
             worker_id=self.worker_id,
+            progress_every_steps=self.settings.worker.progress_every_steps,
         )
         await self._send_coordinator(started, event.job_key, headers, wait=True)
 

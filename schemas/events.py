@@ -180,6 +180,9 @@ class AttemptStarted(_AttemptEvent):
     event_type: Literal["attempt.started"] = "attempt.started"
     worker_id: str = Field(min_length=1, max_length=128)
     started_at: AwareDatetime = Field(default_factory=utc_now)
+    # Denoising steps between two progress reports of this attempt, so the coordinator
+    # expects each report after that many steps rather than after every step.
+    progress_every_steps: int = Field(default=1, ge=1)
 
 
 class AttemptClaim(_AttemptEvent):

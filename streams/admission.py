@@ -1,10 +1,11 @@
 """Admission control: admit a job, admit it at a lower tier, or reject it with a retry time.
 
 Pure and deterministic: every observation is an argument and time is passed in, so the
-live coordinator and offline tools run the same decisions. Each tier gets a share of the
-pool's measured throughput; a job is admitted where its estimated wait plus its own
-service time fits inside its deadline. Per-tenant token buckets keep one tenant from
-taking the whole pool.
+live coordinator and offline tools run the same decisions. The wait of a new attempt is
+estimated with the order in which workers take tiers (``strict``, ``weighted`` or
+``fifo``, as in ``gpu_inference.tier_policy``); a job is admitted where its estimated
+wait plus its own service time fits inside its deadline. Per-tenant token buckets keep
+one tenant from taking the whole pool.
 """
 
 from __future__ import annotations
@@ -52,10 +53,24 @@ class PoolLoad:
     downstream_lagging: bool = False
 
 
+class WorkerTierOrder(StrEnum):
+    """Order in which the workers take attempts of the tiers (their tier policy)."""
+
+    STRICT = "strict"
+    WEIGHTED = "weighted"
+    FIFO = "fifo"
+
+
 @dataclass(frozen=True)
 class AdmissionPolicy:
-    """Tier shares of the pool's throughput and the safety margin on deadlines."""
+    """How the workers order tiers, and the safety margin on deadlines.
 
+    Args:
+        tier_order: the workers' tier policy; the wait estimate models it.
+        shares: each tier's share of the pool's throughput under ``weighted``.
+    """
+
+    tier_order: WorkerTierOrder = WorkerTierOrder.STRICT
     shares: dict[Tier, float] = field(default_factory=lambda: {
         Tier.INTERACTIVE: 0.5, Tier.STANDARD: 0.35, Tier.BATCH: 0.15})
     # The estimate must fit within this fraction of the deadline.
@@ -65,16 +80,27 @@ class AdmissionPolicy:
 
 
 def estimated_wait_s(tier: Tier, load: PoolLoad, policy: AdmissionPolicy) -> float:
-    """Seconds until a new attempt of ``tier`` would start, from backlog and tier share."""
+    """Seconds until a new attempt of ``tier`` would start, from the backlog ahead of it."""
     throughput = max(load.throughput_attempts_per_s, policy.min_throughput_attempts_per_s)
+    backlog = load.backlog_attempts
+    if policy.tier_order is WorkerTierOrder.FIFO:
+        return sum(backlog.values()) / throughput
+    if policy.tier_order is WorkerTierOrder.STRICT:
+        # Workers drain every more important tier first, so all of that backlog is ahead
+        # and the attempt gets the whole pool once it is at the front.
+        # NOTE: attempts of more important tiers that arrive during the wait also go
+        # ahead, and aging serves a starved tier early; neither is modelled.
+        rank = TIER_ORDER.index(tier)
+        return sum(backlog.get(other, 0) for other in TIER_ORDER[:rank + 1]) / throughput
+
     share = policy.shares.get(tier, 0.0)
     if share <= 0:
         return float("inf")
     # Workers serve tiers by weighted shares but never idle, so the shares of tiers with
     # nothing queued go to the tiers that have work.
     busy_shares = sum(weight for other, weight in policy.shares.items()
-                      if other is tier or load.backlog_attempts.get(other, 0) > 0)
-    return load.backlog_attempts.get(tier, 0) / (throughput * share / busy_shares)
+                      if other is tier or backlog.get(other, 0) > 0)
+    return backlog.get(tier, 0) / (throughput * share / busy_shares)
 
 
 def decide(

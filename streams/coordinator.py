@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 from faust.types import EventT
 from opentelemetry.trace import SpanKind
 
-from gpu_inference.affinity import WorkerView, route_partition
+from gpu_inference.affinity import WorkerView, route_partition, route_shortest_queue
 from gpu_inference.artifacts import ArtifactError, ArtifactStore
 from schemas.errors import EventDecodeError
 from schemas.events import (
@@ -49,7 +49,13 @@ from schemas.events import (
     encode_event,
 )
 from schemas.topics import RETRY_LEVELS
-from streams.admission import AdmissionAction, AdmissionPolicy, PoolLoad, TenantQuotas
+from streams.admission import (
+    AdmissionAction,
+    AdmissionPolicy,
+    PoolLoad,
+    TenantQuotas,
+    WorkerTierOrder,
+)
 from streams.admission import decide as decide_admission
 from streams.config import Settings, load_settings
 from streams.flight import AttemptRecord, Decision, FlightLimits, FlightState, PoolView
@@ -160,7 +166,11 @@ class Coordinator:
         self.running = RunningAttempts()
         self.service_times = ServiceTimes()
         self.liveness = LivenessTracker()
-        self.admission = AdmissionPolicy()
+        worker = settings.worker
+        # The wait estimate models the order in which the workers take tiers.
+        self.admission = AdmissionPolicy(
+            tier_order=WorkerTierOrder(worker.tier_policy),
+            shares={Tier(name): weight for name, weight in worker.tier_weights.items()})
         self.quotas = (TenantQuotas(config.tenant_quota_slots_per_s,
                                     config.tenant_quota_burst_slots)
                        if config.tenant_quota_slots_per_s > 0 else None)
@@ -366,6 +376,8 @@ class Coordinator:
             logger.info("Downgrading job %s from %s to %s: %s", request.job_id,
                         request.tier.value, decision.tier.value, decision.reason)
             return request.model_copy(update={"tier": decision.tier}), None, "downgraded"
+        logger.info("Admission of job %s tier=%s: estimated wait %.1f s, %s", request.job_id,
+                    request.tier.value, decision.estimated_wait_s, decision.reason)
         return request, None, "admitted"
 
     # ---- table access -----------------------------------------------------------------------
@@ -605,6 +617,7 @@ class Coordinator:
             total_steps=flight.params.steps, deadline_at_s=job.deadline_at.timestamp(),
             retries_left=job.budget_left,
             other_attempts=max(0, live_for_job - job.open_slots),
+            report_every_steps=started.progress_every_steps,
         )
 
     def _adopt(self, flight: FlightState, progress: AttemptProgress) -> None:
@@ -747,9 +760,10 @@ class Coordinator:
             return None
         return extract_context([("traceparent", job.traceparent.encode())])
 
-    def _affinity_partition(self, attempt: AttemptDispatched) -> int | None:
-        """Partition of the attempt's tier topic owned by the worker that affinity picks, or
-        None to let the default partitioner choose.
+    def _affinity_partition(self, attempt: AttemptDispatched) -> tuple[str, int] | None:
+        """Worker and partition of the attempt's tier topic: the worker that affinity picks
+        or, with no worker free, the one with the shortest queue. None lets the default
+        partitioner choose.
 
         Re-dispatches (epoch above 1) keep the default partitioner, so an attempt that hung on
         a worker with its model warm is not sent straight back to it.
@@ -767,15 +781,18 @@ class Coordinator:
             views.append(WorkerView(status.worker_id, status.slots - status.busy - len(routed),
                                     frozenset(status.warm_models)))
             owned[status.worker_id] = status.partitions.get(attempt.tier, [])
+        record_key = f"{attempt.attempt_id}:{attempt.epoch}"
         routed_to = route_partition(views, owned, attempt.params.model, attempt.params.loras,
-                                    f"{attempt.attempt_id}:{attempt.epoch}")
+                                    record_key)
+        if routed_to is None:
+            routed_to = route_shortest_queue(owned, self.pool.queued_by_worker(), record_key)
         if routed_to is None:
             return None
         worker_id, partition = routed_to
         self._routed_at.setdefault(worker_id, []).append(time.time())
         logger.debug("Routing attempt %s (model %s) to worker %s, partition %d",
                      attempt.attempt_id, attempt.params.model, worker_id, partition)
-        return partition
+        return routed_to
 
     def _attempt_topic(self, attempt: AttemptDispatched) -> Any:
         topics = self.followup_topics if attempt.followup else self.attempt_topics
@@ -783,7 +800,11 @@ class Coordinator:
 
     async def _send_attempt(self, flight: FlightState, attempt: AttemptDispatched) -> None:
         topic = self._attempt_topic(attempt)
-        partition = self._affinity_partition(attempt)
+        routed_to = self._affinity_partition(attempt)
+        worker_id: str | None = None
+        partition: int | None = None
+        if routed_to is not None:
+            worker_id, partition = routed_to
         with stage_span(
             self.tracer, f"send {topic.get_topic_name()}", "dispatch",
             parent=self._job_context(flight, attempt.job_id), kind=SpanKind.PRODUCER,
@@ -804,7 +825,7 @@ class Coordinator:
                 key=f"{attempt.attempt_id}:{attempt.epoch}".encode(),
                 value=encode_event(attempt), headers=inject_headers(span), partition=partition,
             )
-        self.pool.dispatched(attempt.attempt_id, attempt.tier)
+        self.pool.dispatched(attempt.attempt_id, attempt.tier, worker_id)
         logger.debug("Dispatched attempt %s (epoch %d) of job %s",
                      attempt.attempt_id, attempt.epoch, attempt.job_id)
 

@@ -56,7 +56,8 @@ class LivenessTracker:
 
     def started(self, *, attempt_id: str, epoch: int, worker_id: str, job_key: str,
                 job_id: str, step_class: StepClass, total_steps: int, deadline_at_s: float,
-                retries_left: int, other_attempts: int, now_s: float | None = None) -> None:
+                retries_left: int, other_attempts: int, report_every_steps: int = 1,
+                now_s: float | None = None) -> None:
         """Start observing an attempt; the queue wait before this moment is never counted."""
         now = time.time() if now_s is None else now_s
         self.finished(attempt_id)
@@ -66,6 +67,7 @@ class LivenessTracker:
             attempt_id, step_class, total_steps, started_at_s=now,
             deadline_at_s=deadline_at_s, concurrency=len(running),
             retries_left=retries_left, other_attempts_in_flight=other_attempts,
+            report_every_steps=report_every_steps,
         )
         self._watched[attempt_id] = _Watched(observation, epoch, worker_id, job_key, job_id)
         self._concurrency_changed(worker_id, now)

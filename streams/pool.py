@@ -35,20 +35,32 @@ class PoolMonitor:
         self._workers: dict[str, _Seen] = {}
         # Attempts dispatched and not yet claimed, with their tier, oldest first.
         self._unclaimed: dict[str, Tier] = {}
+        # The worker each unclaimed attempt was routed to, when the coordinator chose one.
+        self._routed_to: dict[str, str] = {}
         self._finished_at_s: collections.deque[tuple[float, float]] = collections.deque()
 
     def observe(self, status: WorkerStatus, now_s: float | None = None) -> None:
         self._workers[status.worker_id] = _Seen(status, time.monotonic() if now_s is None
                                                 else now_s)
 
-    def dispatched(self, attempt_id: str, tier: Tier = Tier.STANDARD) -> None:
+    def dispatched(self, attempt_id: str, tier: Tier = Tier.STANDARD,
+                   worker_id: str | None = None) -> None:
         self._unclaimed[attempt_id] = tier
+        if worker_id is not None:
+            self._routed_to[attempt_id] = worker_id
         # Bounded: attempts whose claim never arrived (a lost worker) age out first.
         while len(self._unclaimed) > MAX_TRACKED_ATTEMPTS:
-            self._unclaimed.pop(next(iter(self._unclaimed)))
+            oldest = next(iter(self._unclaimed))
+            del self._unclaimed[oldest]
+            self._routed_to.pop(oldest, None)
 
     def claimed(self, attempt_id: str) -> None:
         self._unclaimed.pop(attempt_id, None)
+        self._routed_to.pop(attempt_id, None)
+
+    def queued_by_worker(self) -> dict[str, int]:
+        """Unclaimed attempts routed to each worker's partitions."""
+        return dict(collections.Counter(self._routed_to.values()))
 
     def finished(self, gpu_s: float, now_s: float | None = None) -> None:
         """Count one finished attempt toward the measured throughput."""

@@ -65,6 +65,10 @@ class AttemptObservation:
     # is the last one able to fill its slot.
     retries_left: int = 0
     other_attempts_in_flight: int = 0
+    # Steps the next progress report is expected to cover: the worker's reporting interval
+    # until the first report, then the steps of the latest report, which is longer when
+    # the worker throttles heartbeats of fast steps.
+    report_steps: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,13 +105,17 @@ def start_observation(
     concurrency: int,
     retries_left: int = 0,
     other_attempts_in_flight: int = 0,
+    report_every_steps: int = 1,
 ) -> AttemptObservation:
     """Create the observation of an attempt that a worker started at ``started_at_s``.
 
     ``concurrency`` counts the attempts running on the worker's device, this one included.
+    ``report_every_steps`` is how many steps the worker runs between progress reports.
     """
     if total_steps < 1:
         raise ValueError(f"total_steps must be at least 1, got {total_steps}")
+    if report_every_steps < 1:
+        raise ValueError(f"report_every_steps must be at least 1, got {report_every_steps}")
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     return AttemptObservation(
@@ -122,6 +130,7 @@ def start_observation(
         segment_start_s=started_at_s,
         retries_left=retries_left,
         other_attempts_in_flight=other_attempts_in_flight,
+        report_steps=min(report_every_steps, total_steps),
     )
 
 
@@ -163,6 +172,7 @@ def record_progress(
         (),
         observation.retries_left,
         observation.other_attempts_in_flight,
+        steps,
     )
     return updated, sample
 
@@ -191,6 +201,7 @@ def record_concurrency(
         _add_exposure(observation.silence_exposure, observation.concurrency, current_s),
         observation.retries_left,
         observation.other_attempts_in_flight,
+        observation.report_steps,
     )
 
 
@@ -390,6 +401,9 @@ class AdaptiveTimeout:
                 obs.step_class, obs.concurrency, config.first_step_quantile
             )
             allowed_units = config.first_step_slack * tail_s / median_now_s
+        # The allowance is per step, and the next report comes only after several steps
+        # when the worker reports every few steps.
+        allowed_units *= obs.report_steps
         if last_viable:
             allowed_units *= config.last_viable_slack_factor
 

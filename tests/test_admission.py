@@ -19,10 +19,14 @@ from streams.admission import (
     PoolLoad,
     TenantQuotas,
     TokenBucket,
+    WorkerTierOrder,
     decide,
+    estimated_wait_s,
 )
 
-POLICY = AdmissionPolicy()
+# The share model is the weighted tier order; strict and fifo have their own tests.
+POLICY = AdmissionPolicy(tier_order=WorkerTierOrder.WEIGHTED)
+STRICT = AdmissionPolicy(tier_order=WorkerTierOrder.STRICT)
 
 
 def _load(backlog: dict[Tier, int], lagging: bool = False) -> PoolLoad:
@@ -85,6 +89,35 @@ def test_unmeasured_pool_admits() -> None:
     load = PoolLoad(backlog_attempts={Tier.BATCH: 10_000}, throughput_attempts_per_s=0.0,
                     mean_attempt_s=1.0, slots=8)
     assert decide(Tier.BATCH, 4, 10, False, load, POLICY).action == AdmissionAction.ADMIT
+
+
+def test_strict_wait_counts_more_important_tiers() -> None:
+    # Workers drain interactive, then standard, then batch, each at the full 10 attempts/s.
+    load = _load({Tier.INTERACTIVE: 20, Tier.STANDARD: 30, Tier.BATCH: 100})
+    assert math.isclose(estimated_wait_s(Tier.INTERACTIVE, load, STRICT), 2.0)
+    assert math.isclose(estimated_wait_s(Tier.STANDARD, load, STRICT), 5.0)
+    assert math.isclose(estimated_wait_s(Tier.BATCH, load, STRICT), 15.0)
+
+
+def test_strict_interactive_ignores_lower_backlog() -> None:
+    decision = decide(Tier.INTERACTIVE, 4, 20, False, _load({Tier.BATCH: 1_000}), STRICT)
+    assert decision.action == AdmissionAction.ADMIT
+    assert decision.estimated_wait_s == 0.0
+
+
+def test_strict_rejects_standard_behind_backlog() -> None:
+    # 200 attempts ahead wait 20 s, over 80% of a 20 s deadline; batch waits longer still,
+    # so a downgrade does not help either.
+    backlog = {Tier.INTERACTIVE: 50, Tier.STANDARD: 150}
+    decision = decide(Tier.STANDARD, 4, 20, True, _load(backlog), STRICT)
+    assert decision.action == AdmissionAction.REJECT
+    assert math.isclose(decision.estimated_wait_s, 20.0)
+
+
+def test_fifo_wait_counts_every_tier() -> None:
+    fifo = AdmissionPolicy(tier_order=WorkerTierOrder.FIFO)
+    load = _load({Tier.INTERACTIVE: 20, Tier.STANDARD: 30, Tier.BATCH: 100})
+    assert math.isclose(estimated_wait_s(Tier.INTERACTIVE, load, fifo), 15.0)
 
 
 def test_token_bucket_refills_at_rate() -> None:

@@ -14,7 +14,10 @@ from gpu_inference.affinity import (
     place,
     rendezvous_rank,
     route_partition,
+    route_shortest_queue,
 )
+from schemas.events import Tier
+from streams.pool import PoolMonitor
 
 
 def _worker(worker_id: str, free_slots: int, *warm: str,
@@ -116,6 +119,42 @@ def test_route_partition_none_when_all_busy() -> None:
     workers = [_worker("a", 0, "M1"), _worker("b", 0)]
 
     assert route_partition(workers, {"a": [0], "b": [1]}, "M1", (), "attempt:1") is None
+
+
+def test_shortest_queue_gets_saturated_attempt() -> None:
+    owned = {"a": [0, 1], "b": [2, 3], "c": []}
+
+    worker_id, partition = route_shortest_queue(owned, {"a": 5, "b": 2}, "attempt:1") \
+        or ("", -1)
+
+    # "c" has no queue at all but owns no partition, so it cannot receive the attempt.
+    assert worker_id == "b"
+    assert partition in (2, 3)
+
+
+def test_shortest_queue_spreads_ties() -> None:
+    owned = {"a": [0], "b": [1]}
+    chosen = {route_shortest_queue(owned, {}, f"attempt-{index}:1") for index in range(20)}
+
+    assert chosen == {("a", 0), ("b", 1)}
+
+
+def test_shortest_queue_none_without_partitions() -> None:
+    assert route_shortest_queue({"a": []}, {}, "attempt:1") is None
+
+
+def test_pool_counts_queue_per_routed_worker() -> None:
+    pool = PoolMonitor(status_ttl_s=5.0)
+    pool.dispatched("x", Tier.BATCH, "a")
+    pool.dispatched("y", Tier.STANDARD, "a")
+    pool.dispatched("z", Tier.STANDARD, "b")
+    pool.dispatched("unrouted", Tier.STANDARD)
+    assert pool.queued_by_worker() == {"a": 2, "b": 1}
+
+    pool.claimed("x")
+    pool.claimed("z")
+    assert pool.queued_by_worker() == {"a": 1}
+    assert pool.backlog()[Tier.STANDARD] == 2
 
 
 def test_load_seconds_per_missing_part() -> None:

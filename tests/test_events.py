@@ -10,6 +10,7 @@ from schemas.errors import EventDecodeError
 from schemas.events import (
     EVENT_TYPES,
     AttemptFinished,
+    AttemptStarted,
     GenerationParams,
     JobRequested,
     cache_key,
@@ -100,6 +101,17 @@ def test_unknown_field_rejected() -> None:
     with pytest.raises(EventDecodeError) as caught:
         decode_event(json.dumps(raw).encode(), JobRequested)
     assert "surprise" in caught.value.reason
+
+
+def test_started_without_interval_reports_every_step() -> None:
+    # Events from workers that predate the field still decode.
+    raw = json.loads(encode_event(AttemptStarted(attempt_id="a-1", job_id="j", job_key="t:k",
+                                                 worker_id="gpu-1")))
+    del raw["progress_every_steps"]
+
+    started = decode_event(json.dumps(raw).encode(), AttemptStarted)
+
+    assert started.progress_every_steps == 1
 
 
 def test_unexpected_type_rejected() -> None:

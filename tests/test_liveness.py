@@ -26,11 +26,11 @@ STEP_CLASS = StepClass("M1", 32, 32)
 
 
 def _start(tracker: LivenessTracker, attempt_id: str, now_s: float,
-           worker: str = "w1") -> None:
+           worker: str = "w1", report_every_steps: int = 1) -> None:
     tracker.started(attempt_id=attempt_id, epoch=1, worker_id=worker, job_key="t:k",
                     job_id="job", step_class=STEP_CLASS, total_steps=20,
                     deadline_at_s=now_s + 3_600, retries_left=3, other_attempts=0,
-                    now_s=now_s)
+                    report_every_steps=report_every_steps, now_s=now_s)
 
 
 def test_progressing_attempt_kept() -> None:
@@ -50,6 +50,27 @@ def test_silent_attempt_reported_hung() -> None:
     due = tracker.due(now_s=60.0)
     assert [watched.observation.attempt_id for watched, _ in due] == ["a1"]
     assert due[0][1].action == "kill_hung"
+
+
+def test_sparse_reports_keep_slow_attempt() -> None:
+    # Learn steps of median 0.1 s from attempts that report every 5 steps, one at a time.
+    tracker = LivenessTracker()
+    now_s = 0.0
+    for index in range(40):
+        step_s = (0.05, 0.1, 0.2)[index % 3]
+        _start(tracker, f"warm-{index}", now_s, report_every_steps=5)
+        for step in range(5, 21, 5):
+            tracker.progress(f"warm-{index}", 1, step, now_s=now_s + step * step_s)
+        now_s += 5.0
+        tracker.finished(f"warm-{index}", now_s=now_s)
+
+    # Three times the median: 1.5 s between reports is more than four of its own steps.
+    _start(tracker, "slow", now_s, report_every_steps=5)
+    for step in range(5, 21, 5):
+        report_s = now_s + step * 0.3
+        assert tracker.due(now_s=report_s - 0.01) == []
+        tracker.progress("slow", 1, step, now_s=report_s)
+    assert tracker._watched["slow"].observation.steps_done == 20
 
 
 def test_finished_attempt_forgotten() -> None:
@@ -77,20 +98,24 @@ def test_concurrency_follows_worker() -> None:
     assert tracker._watched["a1"].observation.concurrency == 1
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-async def test_hung_attempt_redispatched(settings: Settings, service_env: dict[str, str],
-                                         tmp_path: Path) -> None:
-    env = {
+def _one_slot_env(service_env: dict[str, str], *, p50_s: float) -> dict[str, str]:
+    """Environment of one-slot simulated workers with fixed step times, one attempt at a time."""
+    return {
         **service_env,
         "SLOTFORGE_COORDINATOR__RACING_POLICY": "sequential",
         "SLOTFORGE_WORKER__SLOTS": "1",
         "SLOTFORGE_WORKER__SIMULATION__ENABLED": "true",
-        "SLOTFORGE_WORKER__SIMULATION__P50_S": "0.5",
+        "SLOTFORGE_WORKER__SIMULATION__P50_S": str(p50_s),
         "SLOTFORGE_WORKER__SIMULATION__SIGMA": "0",
         "SLOTFORGE_WORKER__SIMULATION__ACCEPTANCE": "1.0",
     }
-    group = ProcessGroup(tmp_path / "logs", env)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+async def test_hung_attempt_redispatched(settings: Settings, service_env: dict[str, str],
+                                         tmp_path: Path) -> None:
+    group = ProcessGroup(tmp_path / "logs", _one_slot_env(service_env, p50_s=0.5))
     group.start("coordinator")
     group.start("postprocess")
     stuck = group.start("gpu-worker", name="gpu-stuck", env={
@@ -227,3 +252,33 @@ async def test_expired_flights_delete_unused_artifacts(
     log = (tmp_path / "logs" / "coordinator.log").read_text()
     assert "Deleted unused artifact" in log
     assert "Removed empty flight" in log
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+async def test_sparse_heartbeats_not_killed(settings: Settings, service_env: dict[str, str],
+                                            tmp_path: Path) -> None:
+    # 0.3 s steps reported every 10 steps: 3 s between reports, far more than four steps,
+    # and longer than the coordinator's 1 s between timeout checks.
+    env = _one_slot_env(service_env, p50_s=6.0)
+    env["SLOTFORGE_WORKER__PROGRESS_EVERY_STEPS"] = "10"
+    group = ProcessGroup(tmp_path / "logs", env)
+    group.start("coordinator")
+    group.start("postprocess")
+    group.start("gpu-worker")
+    request = JobRequested(
+        tenant_id="acme", user_id="u1",
+        params=GenerationParams(model="M0001", prompt="sparse heartbeats", steps=20),
+        slots=1, deadline_s=600,
+    )
+    try:
+        async with SlotforgeClient(settings.kafka) as client:
+            await client.submit(request)
+            completed = await client.wait(request.job_id, timeout_s=180)
+    finally:
+        await asyncio.to_thread(group.stop_all, 15)
+
+    assert completed.status == JobStatus.COMPLETED
+    assert completed.attempts == 1
+    coordinator_log = (tmp_path / "logs" / "coordinator.log").read_text()
+    assert "Timed out attempt" not in coordinator_log

@@ -53,12 +53,13 @@ def _observation(
 
 
 def _drive(
-    policy: TimeoutPolicy, obs: AttemptObservation, progress_at_s: list[float], until_s: float
+    policy: TimeoutPolicy, obs: AttemptObservation, progress_at_s: list[float], until_s: float,
+    steps_per_report: int = 1,
 ) -> tuple[TimeoutDecision | None, float, AttemptObservation]:
     """Feed progress reports in order and check whenever the policy requests a check.
 
-    Returns the first decision other than keep with its time, or None once ``until_s``
-    passes, and the last observation.
+    Each report advances ``steps_per_report`` steps. Returns the first decision other than
+    keep with its time, or None once ``until_s`` passes, and the last observation.
     """
     now_s = obs.started_at_s
     decision = policy.decide(obs, now_s)
@@ -71,7 +72,7 @@ def _drive(
             now_s = decision.next_check_at_s
         else:
             now_s = pending.pop(0)
-            obs, _ = record_progress(obs, obs.steps_done + 1, now_s)
+            obs, _ = record_progress(obs, obs.steps_done + steps_per_report, now_s)
         decision = policy.decide(obs, now_s)
     return decision, now_s, obs
 
@@ -204,6 +205,38 @@ def test_adaptive_detects_hang_before_first_step(estimator: StepTimeEstimator) -
     assert decision.action == "kill_hung"
     first_step_limit_s = 2.0 * MEDIAN_STEP_S * math.exp(Z_999 * STEP_SIGMA)
     assert killed_at_s == pytest.approx(first_step_limit_s, rel=0.2)
+
+
+def test_sparse_reports_keep_slow_attempt(estimator: StepTimeEstimator) -> None:
+    # Reports every 5 steps at three times the median pace: 4.5 s between reports, more
+    # than four of its own steps, so the allowance must count the steps per report.
+    obs = start_observation("attempt-1", SDXL, STEPS, started_at_s=0.0,
+                            deadline_at_s=10_000.0, concurrency=1, retries_left=2,
+                            report_every_steps=5)
+    step_s = 3 * MEDIAN_STEP_S
+    progress = [5 * step_s * (index + 1) for index in range(STEPS // 5)]
+
+    decision, _, final = _drive(adaptive(estimator), obs, progress, until_s=progress[-1],
+                                steps_per_report=5)
+
+    assert decision is None
+    assert final.steps_done == STEPS
+
+
+def test_sparse_reports_still_detect_hang(estimator: StepTimeEstimator) -> None:
+    obs = start_observation("attempt-1", SDXL, STEPS, started_at_s=0.0,
+                            deadline_at_s=10_000.0, concurrency=1, retries_left=2,
+                            report_every_steps=5)
+    progress = [5 * MEDIAN_STEP_S, 10 * MEDIAN_STEP_S]
+
+    decision, killed_at_s, final = _drive(adaptive(estimator), obs, progress, until_s=600.0,
+                                          steps_per_report=5)
+
+    assert decision is not None
+    assert decision.action == "kill_hung"
+    assert final.steps_done == 10
+    # Four of its own steps per step of the 5-step reporting interval.
+    assert killed_at_s - progress[-1] == pytest.approx(5 * 4 * MEDIAN_STEP_S, rel=0.1)
 
 
 def test_quiet_pool_detects_hang_sooner(estimator: StepTimeEstimator) -> None:
