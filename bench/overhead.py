@@ -555,6 +555,14 @@ def _throughput_lines(measured: dict[str, Any], setup: dict[str, Any]) -> list[s
         "estimate from the load average), so low shares here mean the processes waited for "
         "a CPU or for the broker, not that they had no work.")]
     lines += _cost_lines(throughput)
+    per_job_ms = throughput.get("coordinator_cpu_ms_per_job")
+    if per_job_ms:
+        needed = stream["offered_jobs_per_s"] * per_job_ms / 1000.0
+        lines += ["", wrap(
+            f"The latency stream's {stream['offered_jobs_per_s']:.1f} jobs/s needed about "
+            f"{needed:.2f} of a core for the coordinator alone (offered rate times CPU per "
+            f"job, an estimate). Where that nears the share a process got at the load above, "
+            "the hops measure queueing for a CPU, not the pipeline's own latency.")]
     return lines
 
 
@@ -564,14 +572,16 @@ def _cost_lines(throughput: dict[str, Any]) -> list[str]:
     records_per_job = throughput.get("coordinator_records_per_job")
     if not per_job_ms or not per_record_ms or not records_per_job:
         return []
+    budget_ms = 1000.0 / THROUGHPUT_TARGET_JOBS_PER_S
     return ["", wrap(
         f"Cost per job: the coordinator consumed {records_per_job:.1f} records per burst job "
-        "(the request, and per attempt its claim, start, progress heartbeats, finish and "
-        f"verdict) and used {per_job_ms:.1f} ms of CPU per job, {per_record_ms:.2f} ms per "
-        f"record. Even with a whole core to itself it would complete at most about "
-        f"{1000.0 / per_job_ms:.0f} jobs/s (an estimate: 1000 ms over the CPU per job), so "
-        "the faust event path, one faust event per record, bounds one coordinator process "
-        "long before the target.")]
+        "(the request, the delivery acknowledgement, and per attempt its claim, start, "
+        f"progress heartbeats, finish and verdict) and used {per_job_ms:.1f} ms of CPU per "
+        f"job, {per_record_ms:.2f} ms per record. Even with a whole core to itself it would "
+        f"complete at most about {1000.0 / per_job_ms:.0f} jobs/s (an estimate: 1000 ms over "
+        f"the CPU per job). {THROUGHPUT_TARGET_JOBS_PER_S:g} jobs/s on one core allows "
+        f"{budget_ms:g} ms of CPU per job, the cost of {budget_ms / per_record_ms:.1f} "
+        "records here.")]
 
 
 def _by_share(shares: dict[str, float]) -> list[tuple[str, float]]:
