@@ -58,7 +58,8 @@ from schemas.events import (
     utc_now,
 )
 from streams.client import SlotforgeClient
-from streams.config import LOCAL_DIR, SimulationSettings
+from streams.config import LOCAL_DIR, KafkaSettings, SimulationSettings
+from streams.kafka import make_consumer, topic_partitions
 from streams.racing import RacingPolicy
 
 HOPS = ("request_to_claim", "finish_to_fill", "complete_to_ack")
@@ -204,13 +205,21 @@ def _measure_throughput(pipeline: PipelineRun, config: OverheadConfig,
     profile_path = run_dir / "coordinator-profile.txt"
     profiler = _start_profiler(coordinator.pid, config.profile_s, profile_path)
 
+    input_topics = [pipeline.settings.topics.jobs_requested,
+                    pipeline.settings.topics.coordinator_events]
+    records_before = asyncio.run(_record_count(pipeline.settings.kafka, input_topics))
+
     progress(f"burst: {config.burst_jobs} jobs at once")
     started = time.monotonic()
     completed = asyncio.run(_burst(pipeline, [_request(config, index)
                                               for index in range(config.burst_jobs)]))
     wall_s = time.monotonic() - started
-    cpu_share = {name: (_cpu_s(process) - cpu_before[name]) / wall_s
-                 for name, process in processes.items() if process.is_running()}
+    cpu_s = {name: _cpu_s(process) - cpu_before[name]
+             for name, process in processes.items() if process.is_running()}
+    cpu_share = {name: used_s / wall_s for name, used_s in cpu_s.items()}
+    # Every record on the coordinator's two input topics during the burst counts, late
+    # events of the warm-up job included. Each record is one faust event for the coordinator.
+    consumed = asyncio.run(_record_count(pipeline.settings.kafka, input_topics)) - records_before
 
     profile: dict[str, Any] = {}
     if profiler is not None:
@@ -232,9 +241,27 @@ def _measure_throughput(pipeline: PipelineRun, config: OverheadConfig,
         "wall_s": wall_s,
         "coordinator_jobs_per_s": jobs_per_s,
         "cpu_share": cpu_share,
+        "coordinator_records": consumed,
+        "coordinator_records_per_job": consumed / len(completed) if completed else None,
+        "coordinator_cpu_ms_per_job": (1000.0 * cpu_s.get("coordinator", 0.0) / len(completed)
+                                       if completed else None),
+        "coordinator_cpu_ms_per_record": (1000.0 * cpu_s.get("coordinator", 0.0) / consumed
+                                          if consumed else None),
         "profile": profile,
         "profile_file": str(profile_path),
     }
+
+
+async def _record_count(kafka: KafkaSettings, topics: Sequence[str]) -> int:
+    """Sum the end offsets of every partition of ``topics``."""
+    partitions = await topic_partitions(kafka, *topics)
+    consumer = make_consumer(kafka, group_id=None)
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets(partitions)
+    finally:
+        await consumer.stop()
+    return sum(ends.values())
 
 
 def _cpu_s(process: psutil.Process) -> float:
@@ -527,7 +554,34 @@ def _throughput_lines(measured: dict[str, Any], setup: dict[str, Any]) -> list[s
         f"a runnable process got roughly {min(1.0, cpus / max(load, 1.0)):.2f} of a core (an "
         "estimate from the load average), so low shares here mean the processes waited for "
         "a CPU or for the broker, not that they had no work.")]
+    lines += _cost_lines(throughput)
+    per_job_ms = throughput.get("coordinator_cpu_ms_per_job")
+    if per_job_ms:
+        needed = stream["offered_jobs_per_s"] * per_job_ms / 1000.0
+        lines += ["", wrap(
+            f"The latency stream's {stream['offered_jobs_per_s']:.1f} jobs/s needed about "
+            f"{needed:.2f} of a core for the coordinator alone (offered rate times CPU per "
+            f"job, an estimate). Where that nears the share a process got at the load above, "
+            "the hops measure queueing for a CPU, not the pipeline's own latency.")]
     return lines
+
+
+def _cost_lines(throughput: dict[str, Any]) -> list[str]:
+    per_job_ms = throughput.get("coordinator_cpu_ms_per_job")
+    per_record_ms = throughput.get("coordinator_cpu_ms_per_record")
+    records_per_job = throughput.get("coordinator_records_per_job")
+    if not per_job_ms or not per_record_ms or not records_per_job:
+        return []
+    budget_ms = 1000.0 / THROUGHPUT_TARGET_JOBS_PER_S
+    return ["", wrap(
+        f"Cost per job: the coordinator consumed {records_per_job:.1f} records per burst job "
+        "(the request, the delivery acknowledgement, and per attempt its claim, start, "
+        f"progress heartbeats, finish and verdict) and used {per_job_ms:.1f} ms of CPU per "
+        f"job, {per_record_ms:.2f} ms per record. Even with a whole core to itself it would "
+        f"complete at most about {1000.0 / per_job_ms:.0f} jobs/s (an estimate: 1000 ms over "
+        f"the CPU per job). {THROUGHPUT_TARGET_JOBS_PER_S:g} jobs/s on one core allows "
+        f"{budget_ms:g} ms of CPU per job, the cost of {budget_ms / per_record_ms:.1f} "
+        "records here.")]
 
 
 def _by_share(shares: dict[str, float]) -> list[tuple[str, float]]:

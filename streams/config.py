@@ -112,6 +112,13 @@ class CoordinatorSettings(BaseModel):
     # default partitioner spreads them by key.
     affinity_routing: bool = True
     retention_s: float = Field(default=3_600.0, ge=0)
+    # Milliseconds the broker may hold a fetch of the coordinator's consumer open while no
+    # data arrives. Records for a partition left out of the open fetch wait up to this long.
+    fetch_max_wait_ms: int = Field(default=50, ge=0, le=1_500)
+    # Records processed between two offset commits, besides the commit every second. A
+    # commit this count triggers runs in faust's read loop, which stops reading until every
+    # pending send is acknowledged.
+    commit_every_records: int = Field(default=10_000, ge=1)
 
 
 class SimulationSettings(BaseModel):

@@ -58,6 +58,7 @@ from streams.admission import (
 )
 from streams.admission import decide as decide_admission
 from streams.config import Settings, load_settings
+from streams.faust_app import FetchTunedApp
 from streams.flight import AttemptRecord, Decision, FlightLimits, FlightState, PoolView
 from streams.flight import parameter_class as class_of
 from streams.kafka import (
@@ -130,8 +131,9 @@ class Coordinator:
         config = settings.coordinator
         topics = settings.topics
         partitions = settings.kafka.partitions
-        self.app = faust.App(
+        self.app = FetchTunedApp(
             f"{settings.kafka.topic_prefix}{config.app_id}",
+            fetch_max_wait_ms=config.fetch_max_wait_ms,
             broker=[f"kafka://{server}" for server in settings.kafka.bootstrap_servers.split(",")],
             store="memory://",
             web_enabled=False,
@@ -142,7 +144,7 @@ class Coordinator:
             # showed a fifth of the coordinator's samples in socket writes.
             producer_linger=0.002,
             stream_recovery_delay=0.5,
-            broker_commit_every=100,
+            broker_commit_every=config.commit_every_records,
             broker_commit_interval=1.0,
             consumer_auto_offset_reset="earliest",
             # A killed coordinator's partitions move to a survivor after this long.
