@@ -214,7 +214,7 @@ class GpuWorker:
                           max_poll_records=self.slots + worker_settings.claim_ahead,
                           group_instance_id=worker_settings.group_instance_id,
                           session_timeout_ms=worker_settings.session_timeout_ms,
-                          # Kafka's consumer documentation: heartbeats at most a third of the session timeout.
+                          # Kafka documents heartbeats at most a third of the session timeout.
                           heartbeat_interval_ms=worker_settings.session_timeout_ms // 3),
             self.group_id,
         )
