@@ -112,8 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenarios", type=str, default=",".join(SCENARIOS),
                         help="scenarios to run, comma-separated: steady, kills")
     parser.add_argument("--systems", type=str, default=",".join(SYSTEMS),
-                        help="systems to run, comma-separated: slotforge, celery; targets "
-                             "need both")
+                        help="systems to run, comma-separated: slotforge, celery. The "
+                             "targets compare both")
     parser.add_argument("--seed", type=int, default=7,
                         help="base seed from which each job's seed is derived")
     parser.add_argument("--work-dir", type=Path, default=LOCAL_DIR / "bench" / "peers",
