@@ -111,6 +111,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds between SIGKILLs of a GPU worker in the kills scenario")
     parser.add_argument("--scenarios", type=str, default=",".join(SCENARIOS),
                         help="scenarios to run, comma-separated: steady, kills")
+    parser.add_argument("--systems", type=str, default=",".join(SYSTEMS),
+                        help="systems to run, comma-separated: slotforge, celery. The "
+                             "targets compare both")
     parser.add_argument("--seed", type=int, default=7,
                         help="base seed from which each job's seed is derived")
     parser.add_argument("--work-dir", type=Path, default=LOCAL_DIR / "bench" / "peers",
@@ -142,11 +145,13 @@ class PeersConfig:
     work_dir: Path
     trace: Path
     bootstrap_servers: str | None = None
+    systems: tuple[str, ...] = SYSTEMS
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> PeersConfig:
         scenarios = tuple(item.strip() for item in str(args.scenarios).split(",")
                           if item.strip())
+        systems = tuple(item.strip() for item in str(args.systems).split(",") if item.strip())
         config = cls(
             jobs=args.jobs, load=args.load, slots_per_job=args.slots_per_job,
             workers=args.workers, worker_slots=args.worker_slots, p50_s=args.p50_s,
@@ -154,7 +159,7 @@ class PeersConfig:
             progress_every_steps=args.progress_every_steps, deadline_s=args.deadline_s,
             wait_s=args.wait_s, kill_interval_s=args.kill_interval_s, scenarios=scenarios,
             seed=args.seed, work_dir=args.work_dir, trace=args.trace,
-            bootstrap_servers=args.bootstrap_servers,
+            bootstrap_servers=args.bootstrap_servers, systems=systems,
         )
         config.validate()
         return config
@@ -170,6 +175,10 @@ class PeersConfig:
         if not self.scenarios or unknown:
             raise ValueError(f"--scenarios must name some of {', '.join(SCENARIOS)}, "
                              f"got {','.join(self.scenarios)}")
+        unknown = set(self.systems) - set(SYSTEMS)
+        if not self.systems or unknown:
+            raise ValueError(f"--systems must name some of {', '.join(SYSTEMS)}, "
+                             f"got {','.join(self.systems)}")
         if self.kill_interval_s <= 0:
             raise ValueError(f"--kill-interval-s must be positive, got {self.kill_interval_s}")
 
@@ -227,7 +236,8 @@ def run(out: Path, args: argparse.Namespace) -> dict[str, Any]:
           RedisServer(config.work_dir / "redis") as redis):
         for index, scenario in enumerate(config.scenarios):
             # Alternating the order spreads slow drift of a shared machine over both systems.
-            order = SYSTEMS if index % 2 == 0 else tuple(reversed(SYSTEMS))
+            chosen = tuple(system for system in SYSTEMS if system in config.systems)
+            order = chosen if index % 2 == 0 else tuple(reversed(chosen))
             results[scenario] = {}
             for system in order:
                 progress(f"{scenario} {system}: {len(schedule)} jobs over {window_s:.1f} s")
@@ -240,7 +250,7 @@ def run(out: Path, args: argparse.Namespace) -> dict[str, Any]:
                 progress(f"  {scenario} {system}: p50 {format_number(item['p50_job_s'])} s, p99 "
                           f"{format_number(item['p99_job_s'])} s, lost {item['jobs_lost']}, "
                           f"duplicates {item['duplicate_executions']}, kills {item['kills']}")
-            results[scenario] = {system: results[scenario][system] for system in SYSTEMS}
+            results[scenario] = {system: results[scenario][system] for system in chosen}
         redis_version = redis_server_version()
 
     report = {
@@ -262,7 +272,8 @@ def _run_slotforge(bootstrap_servers: str, config: PeersConfig, scenario: str,
                             run_dir)
     kills: dict[str, float] = {}
     started = time.monotonic()
-    with PipelineRun(settings, config.workers, run_dir / "logs") as pipeline:
+    with PipelineRun(settings, config.workers, run_dir / "logs",
+                     static_membership=True) as pipeline:
         ready_s = asyncio.run(pipeline.wait_ready())
         outcomes = asyncio.run(_replay_slotforge(pipeline, config, scenario, schedule, kills))
         load_average_1m = os.getloadavg()[0]
@@ -298,9 +309,14 @@ async def _replay_slotforge(pipeline: PipelineRun, config: PeersConfig, scenario
 
 async def _kill_slotforge_workers(pipeline: PipelineRun, interval_s: float,
                                   stop: asyncio.Event, kills: dict[str, float]) -> None:
-    """SIGKILL one GPU worker every ``interval_s``, in turn, and start a fresh one."""
+    """SIGKILL one GPU worker every ``interval_s``, in turn, and start a fresh one in its slot.
+
+    The fresh worker gets a new worker id but the killed one's group instance id, as a
+    supervisor that restarts a crashed worker in its slot would give it.
+    """
     group = pipeline.processes
     prefix = pipeline.settings.kafka.topic_prefix
+    instances = {worker_id.rsplit(".", 1)[-1]: worker_id for worker_id in pipeline.worker_ids}
     while True:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval_s)
@@ -314,8 +330,8 @@ async def _kill_slotforge_workers(pipeline: PipelineRun, interval_s: float,
         # A killed child stays out of the group, so check_alive reports only real failures.
         group.processes.remove(victim)
         name = f"gpu-r{len(kills)}"
-        group.start("gpu-worker", name=name,
-                    env={"SLOTFORGE_WORKER__WORKER_ID": f"{prefix}{name}"})
+        instances[name] = instances[victim.name]
+        pipeline.start_worker(name, instance=instances[name])
 
 
 def slotforge_executions(log: AttemptLog, kills: dict[str, float]) -> list[Execution]:
@@ -483,6 +499,8 @@ def _setup(config: PeersConfig, window: Sequence[TraceRequest], window_s: float,
             "acceptance": config.acceptance,
             "max_attempts_per_slot": CoordinatorSettings().max_attempts_per_slot,
             "lease_s": CoordinatorSettings().lease_s,
+            "worker_status_ttl_s": CoordinatorSettings().worker_status_ttl_s,
+            "static_membership": True,
             "progress_every_steps": config.progress_every_steps,
             "deadline_s": config.deadline_s,
             "wait_s": config.wait_s,
@@ -532,21 +550,28 @@ def celery_tuning(config: PeersConfig) -> list[str]:
 
 # The recovery path of each system after a worker is killed, from the worker logs of these
 # runs and from the client libraries' code (aiokafka 0.14, kombu 5.5.4).
-RECOVERY_PARAGRAPHS = (
-    "How slotforge recovers from a SIGKILL: the killed GPU worker stays a member of the "
-    "workers' consumer group until its session times out (aiokafka's default "
-    "session_timeout_ms, 10 s), and the rebalance that its replacement's join starts waits "
-    "for it, so no worker fetches attempts meanwhile. The coordinator dispatches the killed "
-    "worker's attempts again when their lease expires. With a kill every few seconds the "
-    "group rebalances most of the time. Static membership (aiokafka's group_instance_id, "
-    "reused by the replacement) would let a restarted worker take over its partitions "
-    "without a rebalance; the GPU worker does not use it yet.",
-    "How Celery recovers: with the Redis transport, a killed worker's unacknowledged tasks "
-    "return to the queue only when a worker calls restore_visible, which requeues messages "
-    "older than the visibility timeout. Workers call it when they start and on every tenth "
-    "run of a 10 s timer (kombu/transport/redis.py), so a task can wait from the visibility "
-    "timeout up to about 100 s longer.",
-)
+def recovery_paragraphs(parameters: dict[str, Any]) -> tuple[str, ...]:
+    """Describe how each system recovers from a killed worker, with this run's settings."""
+    # A results file from before the TTL was recorded gets the coordinator's default.
+    status_ttl_s = parameters.get("worker_status_ttl_s",
+                                  CoordinatorSettings().worker_status_ttl_s)
+    return (
+        "How slotforge recovers from a SIGKILL: each GPU worker joins its consumer group as a "
+        "static member (Kafka's group.instance.id, aiokafka's group_instance_id) named after "
+        "its worker slot, and the replacement started in that slot reuses the name. The broker "
+        "hands it the killed worker's partitions without a rebalance, so the other worker "
+        "never stops fetching, and the replacement fetches the attempts the killed worker had "
+        "not committed. The coordinator re-dispatches a running attempt whose heartbeats "
+        "stopped (the adaptive timeout policy), and it counts the lease of a worker that "
+        f"stopped sending status reports while others kept reporting ({status_ttl_s:g} s) as "
+        "expired, so the killed worker's claimed attempts go out again without waiting for "
+        f"the {parameters['lease_s']:g} s lease.",
+        "How Celery recovers: with the Redis transport, a killed worker's unacknowledged tasks "
+        "return to the queue only when a worker calls restore_visible, which requeues messages "
+        "older than the visibility timeout. Workers call it when they start and on every tenth "
+        "run of a 10 s timer (kombu/transport/redis.py), so a task can wait from the visibility "
+        "timeout up to about 100 s longer.",
+    )
 
 def _steps(count: int) -> str:
     return "step" if count == 1 else f"{count} steps"
@@ -611,7 +636,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append(f"- {target['name']} {target['limit']}: measured "
                      f"{format_number(target['measured'], 3)}, {verdict}.")
     lines += [""]
-    for paragraph in RECOVERY_PARAGRAPHS:
+    for paragraph in recovery_paragraphs(parameters):
         lines += [wrap(paragraph), ""]
     lines += ["What the Celery baseline tuned, following Celery's documentation:", ""]
     lines += [f"- {item}" for item in setup["celery"]]

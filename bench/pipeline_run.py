@@ -174,9 +174,11 @@ class PipelineRun:
         log_dir: one log file per process, kept after the run for inspection.
     """
 
-    def __init__(self, settings: Settings, workers: int, log_dir: Path) -> None:
+    def __init__(self, settings: Settings, workers: int, log_dir: Path, *,
+                 static_membership: bool = False) -> None:
         self.settings = settings
         self.workers = workers
+        self.static_membership = static_membership
         env = {key: value for key, value in os.environ.items()
                if not key.startswith("SLOTFORGE_")}
         env.update(settings_to_env(settings))
@@ -196,9 +198,19 @@ class PipelineRun:
         self.processes.start("coordinator")
         self.processes.start("postprocess")
         for worker_id in self.worker_ids:
-            self.processes.start("gpu-worker", name=worker_id.rsplit(".", 1)[-1],
-                                 env={"SLOTFORGE_WORKER__WORKER_ID": worker_id})
+            self.start_worker(worker_id.rsplit(".", 1)[-1], instance=worker_id)
         return self
+
+    def start_worker(self, name: str, *, instance: str) -> None:
+        """Start a GPU worker process named ``name`` in the worker slot ``instance``.
+
+        With static membership the slot name is the worker's group instance id, so a worker
+        started in a killed worker's slot takes over its partitions without a rebalance.
+        """
+        env = {"SLOTFORGE_WORKER__WORKER_ID": f"{self.settings.kafka.topic_prefix}{name}"}
+        if self.static_membership:
+            env["SLOTFORGE_WORKER__GROUP_INSTANCE_ID"] = instance
+        self.processes.start("gpu-worker", name=name, env=env)
 
     def __exit__(self, *exc: object) -> None:
         # One SIGTERM per process, newest first, because ProcessGroup.stop_all signals every

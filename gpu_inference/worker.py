@@ -208,13 +208,17 @@ class GpuWorker:
         )
 
         self.producer: AIOKafkaProducer = make_producer(settings.kafka)
+        worker_settings = settings.worker
         self.fetcher = FlowControlledConsumer(
             make_consumer(settings.kafka, group_id=self.group_id,
-                          max_poll_records=self.slots + settings.worker.claim_ahead,
-                          fetch_max_wait_ms=settings.worker.attempts_fetch_max_wait_ms),
+                          max_poll_records=self.slots + worker_settings.claim_ahead,
+                          fetch_max_wait_ms=worker_settings.attempts_fetch_max_wait_ms,
+                          group_instance_id=worker_settings.group_instance_id,
+                          session_timeout_ms=worker_settings.session_timeout_ms,
+                          # Kafka documents heartbeats at most a third of the session timeout.
+                          heartbeat_interval_ms=worker_settings.session_timeout_ms // 3),
             self.group_id,
         )
-        worker_settings = settings.worker
         self.tier_planner = TierFetchPlanner(
             self.fetcher,
             self.topics.attempt_topics,
@@ -253,10 +257,11 @@ class GpuWorker:
     async def run(self, stop: asyncio.Event) -> None:
         topics = list(self.topics.attempt_topics)
         logger.info(
-            "Starting GPU worker %s: group %s, %d slots, batches of up to %d, tier policy %s, "
-            "device %s, model path %s, topics %s",
+            "Starting GPU worker %s: group %s (instance %s), %d slots, batches of up to %d, "
+            "tier policy %s, device %s, model path %s, topics %s",
             self.worker_id,
             self.group_id,
+            self.settings.worker.group_instance_id or "dynamic",
             self.slots,
             self.batcher.max_batch_size,
             self.settings.worker.tier_policy,
@@ -289,7 +294,9 @@ class GpuWorker:
                         for task in background:
                             task.cancel()
             finally:
-                # Stopping the consumer leaves the group, so its partitions move at once.
+                # Stopping a dynamic member leaves the group, so its partitions move at once.
+                # NOTE: aiokafka 0.14 sends no LeaveGroup for a static member, so its
+                # partitions wait for session_timeout_ms or for a successor of that name.
                 await stop_consumer(self.fetcher.consumer, self.group_id)
                 await stop_consumer(self.control, self.topics.control)
         finally:

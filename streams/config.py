@@ -139,6 +139,15 @@ class SimulationSettings(BaseModel):
 class WorkerSettings(BaseModel):
     group_id: str = "slotforge-gpu"
     worker_id: str | None = None
+    # Static membership (Kafka's group.instance.id): a stable name per worker slot, such as
+    # a pod name, that a restarted worker reuses. It takes over its predecessor's partitions
+    # without a rebalance if it rejoins within session_timeout_ms. Unset, every start joins
+    # as a new member and every stop or crash rebalances the group.
+    group_instance_id: str | None = Field(default=None, min_length=1, max_length=249)
+    # Milliseconds without heartbeats before the broker drops a crashed worker from the
+    # group and moves its partitions. A static member does not leave the group on a clean
+    # stop either, so its partitions wait this long unless a worker with its name rejoins.
+    session_timeout_ms: int = Field(default=10_000, ge=1_000, le=300_000)
     slots: int = Field(default=2, ge=1, le=256)
     model_path: str | None = None
     # Folder of LoRA adapters, one ``<adapter id>/adapter.safetensors`` each. Without it the

@@ -554,7 +554,7 @@ class Coordinator:
             await self._publish(flight, decision)
             return
         if isinstance(message, AttemptClaim):
-            decision = flight.on_claim(message, now, self.limits)
+            decision = flight.on_claim(message, now, self.limits, self.pool.gone_workers())
         elif isinstance(message, AttemptStarted):
             decision = flight.on_started(message)
             self._watch(flight, message)
@@ -656,9 +656,15 @@ class Coordinator:
             return decision
         if sweep.action == "lease" and sweep.attempt_id:
             self._apply_renewal(flight, sweep.attempt_id)
-            if now < self._started_at + timedelta(seconds=self.limits.lease_s):
+            gone_workers = self.pool.gone_workers()
+            record = flight.attempts.get(sweep.attempt_id)
+            # This process saw a gone holder report and stop, so the restart floor, which
+            # covers renewals lost in a restart, does not apply to it.
+            holder_gone = record is not None and record.worker_id in gone_workers
+            if not holder_gone and now < self._started_at + timedelta(seconds=self.limits.lease_s):
                 return None
-            decision = flight.on_lease_expired(sweep.attempt_id, now, self.limits, pool)
+            decision = flight.on_lease_expired(sweep.attempt_id, now, self.limits, pool,
+                                               gone_workers)
             if decision.dispatch or decision.cancel:
                 logger.warning(
                     "Lease of attempt %s of job %s expired; re-dispatching it with epoch %s",
@@ -935,6 +941,7 @@ class Coordinator:
     def _sweeps_for(self, job_key: str, raw: dict[str, Any], now: datetime) -> Iterable[JobSweep]:
         retention = timedelta(seconds=self.settings.coordinator.retention_s)
         lease_floor = self._started_at + timedelta(seconds=self.limits.lease_s)
+        gone_workers = self.pool.gone_workers()
         any_job = next(iter(raw.get("jobs", {})), "-")
         expire = bool(raw.get("cache")) and not raw.get("jobs")
         for job_id, job in raw.get("jobs", {}).items():
@@ -951,7 +958,7 @@ class Coordinator:
             renewal = self._renewals.get(attempt_id)
             expires = max(datetime.fromisoformat(lease), lease_floor,
                           renewal[2] if renewal is not None else lease_floor)
-            if now >= expires:
+            if now >= expires or attempt.get("worker_id") in gone_workers:
                 yield JobSweep(job_id=attempt["job_id"], job_key=job_key, action="lease",
                                attempt_id=attempt_id)
         if expire:

@@ -14,7 +14,7 @@ the events to publish. A redelivered event changes nothing the second time.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
@@ -262,8 +262,13 @@ class FlightState(BaseModel):
 
     # ---- claims and progress ---------------------------------------------------------------
 
-    def on_claim(self, claim: AttemptClaim, now: datetime, limits: FlightLimits) -> Decision:
-        """Grant the attempt's lease to one worker at a time; the epoch is the fencing token."""
+    def on_claim(self, claim: AttemptClaim, now: datetime, limits: FlightLimits,
+                 gone_workers: Collection[str] = ()) -> Decision:
+        """Grant the attempt's lease to one worker at a time; the epoch is the fencing token.
+
+        A lease held by one of ``gone_workers`` (crashed, no status reports) counts as
+        expired, so the worker that now owns the attempt's partition takes it over at once.
+        """
         record = self.attempts.get(claim.attempt_id)
         job = self.jobs.get(record.job_id) if record is not None else None
         reason = ""
@@ -274,7 +279,7 @@ class FlightState(BaseModel):
         elif not record.live or record.phase == "generated":
             reason = f"attempt already {record.phase}"
         elif (record.worker_id not in (None, claim.worker_id) and record.lease_expires_at
-              and record.lease_expires_at > now):
+              and record.lease_expires_at > now and record.worker_id not in gone_workers):
             reason = (f"lease held by {record.worker_id} until "
                       f"{record.lease_expires_at.isoformat()}")
         if reason:
@@ -322,12 +327,17 @@ class FlightState(BaseModel):
         )])
 
     def on_lease_expired(self, attempt_id: str, now: datetime, limits: FlightLimits,
-                         pool: PoolView) -> Decision:
-        """Re-dispatch an attempt whose worker stopped renewing its lease, with a higher epoch."""
+                         pool: PoolView, gone_workers: Collection[str] = ()) -> Decision:
+        """Re-dispatch an attempt whose worker stopped renewing its lease, with a higher epoch.
+
+        A lease held by one of ``gone_workers`` counts as expired before its time.
+        """
         record = self.attempts.get(attempt_id)
         if record is None or record.phase not in ("dispatched", "running"):
             return Decision()
-        if record.lease_expires_at is None or record.lease_expires_at > now:
+        if record.lease_expires_at is None:
+            return Decision()
+        if record.lease_expires_at > now and record.worker_id not in gone_workers:
             return Decision()
 
         decision = Decision(cancel=[self._cancel_event(record, "lease expired")])

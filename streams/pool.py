@@ -38,10 +38,26 @@ class PoolMonitor:
         # The worker each unclaimed attempt was routed to, when the coordinator chose one.
         self._routed_to: dict[str, str] = {}
         self._finished_at_s: collections.deque[tuple[float, float]] = collections.deque()
+        self._latest_at_s = float("-inf")
 
     def observe(self, status: WorkerStatus, now_s: float | None = None) -> None:
-        self._workers[status.worker_id] = _Seen(status, time.monotonic() if now_s is None
-                                                else now_s)
+        now = time.monotonic() if now_s is None else now_s
+        self._workers[status.worker_id] = _Seen(status, now)
+        self._latest_at_s = max(self._latest_at_s, now)
+
+    def gone_workers(self, now_s: float | None = None) -> frozenset[str]:
+        """Return the workers that stopped reporting while others kept reporting.
+
+        A worker counts as gone when its last report is more than the status TTL older than
+        both now and the latest report of any worker, so a coordinator that fell behind on
+        the status topic does not take every worker for gone. A worker that reports
+        ``stopping`` still runs its attempts until it exits, so it is not gone.
+        """
+        now = time.monotonic() if now_s is None else now_s
+        return frozenset(
+            worker_id for worker_id, seen in self._workers.items()
+            if now - seen.at_s > self.status_ttl_s
+            and self._latest_at_s - seen.at_s > self.status_ttl_s)
 
     def dispatched(self, attempt_id: str, tier: Tier = Tier.STANDARD,
                    worker_id: str | None = None) -> None:

@@ -143,6 +143,17 @@ def test_targets_compare_p99() -> None:
     assert checks["kills: slotforge duplicate_executions"]["met"]
 
 
+def test_config_parses_systems() -> None:
+    parser = argparse.ArgumentParser()
+    peers.add_arguments(parser)
+
+    config = peers.PeersConfig.from_args(parser.parse_args(["--systems", "slotforge"]))
+    assert config.systems == ("slotforge",)
+
+    with pytest.raises(ValueError, match="--systems"):
+        peers.PeersConfig.from_args(parser.parse_args(["--systems", "dask"]))
+
+
 def test_retry_countdown_full_jitter() -> None:
     settings = _celery_settings()
     rng = random.Random(1)

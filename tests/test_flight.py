@@ -66,11 +66,12 @@ def _score(flight: FlightState, attempt: AttemptDispatched, accepted: bool,
 
 
 def _claim(flight: FlightState, attempt: AttemptDispatched, worker: str,
-           now: datetime = NOW, epoch: int | None = None) -> bool:
+           now: datetime = NOW, epoch: int | None = None,
+           gone_workers: frozenset[str] = frozenset()) -> bool:
     claim = AttemptClaim(attempt_id=attempt.attempt_id, job_id=attempt.job_id,
                          job_key=attempt.job_key, epoch=epoch or attempt.epoch,
                          worker_id=worker)
-    return flight.on_claim(claim, now, SEQUENTIAL).claims[0].granted
+    return flight.on_claim(claim, now, SEQUENTIAL, gone_workers).claims[0].granted
 
 
 def test_sequential_dispatches_one_per_slot() -> None:
@@ -191,6 +192,30 @@ def test_expired_lease_redispatches_with_higher_epoch() -> None:
     assert result.cancel[0].worker_id == "w1"
     assert not _claim(flight, attempt, "w2", later)
     assert _claim(flight, result.dispatch[0], "w2", later)
+
+
+def test_claim_takes_over_lease_of_gone_worker() -> None:
+    flight, decision = _admit(_request(slots=1))
+    attempt = decision.dispatch[0]
+    assert _claim(flight, attempt, "w1")
+    assert not _claim(flight, attempt, "w2", gone_workers=frozenset({"w3"}))
+    assert _claim(flight, attempt, "w2", gone_workers=frozenset({"w1"}))
+    assert not _claim(flight, attempt, "w1")
+
+
+def test_lease_of_gone_worker_expires_early() -> None:
+    flight, decision = _admit(_request(slots=1))
+    attempt = decision.dispatch[0]
+    assert _claim(flight, attempt, "w1")
+
+    kept = flight.on_lease_expired(attempt.attempt_id, NOW, SEQUENTIAL, BUSY,
+                                   frozenset({"w2"}))
+    assert kept.dispatch == []
+
+    result = flight.on_lease_expired(attempt.attempt_id, NOW, SEQUENTIAL, BUSY,
+                                     frozenset({"w1"}))
+    assert result.dispatch[0].epoch == attempt.epoch + 1
+    assert result.cancel[0].worker_id == "w1"
 
 
 def test_stale_epoch_result_never_fills_slot() -> None:

@@ -16,13 +16,14 @@ from schemas.events import (
     decode_event,
 )
 from streams.client import SlotforgeClient
-from streams.config import Settings
+from streams.config import Settings, WorkerSettings
 from streams.liveness import LivenessTracker
 from streams.processes import ProcessGroup
 from streams.step_times import StepClass
 from tests.kafka_helpers import TopicReader
 
 STEP_CLASS = StepClass("M1", 32, 32)
+STATUS_INTERVAL_S = WorkerSettings().status_interval_s
 
 
 def _start(tracker: LivenessTracker, attempt_id: str, now_s: float,
@@ -282,3 +283,68 @@ async def test_sparse_heartbeats_not_killed(settings: Settings, service_env: dic
     assert completed.attempts == 1
     coordinator_log = (tmp_path / "logs" / "coordinator.log").read_text()
     assert "Timed out attempt" not in coordinator_log
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+async def test_restarted_worker_slot_resumes_claims(settings: Settings,
+                                                    service_env: dict[str, str],
+                                                    tmp_path: Path) -> None:
+    """A worker started in a killed worker's slot runs its claimed attempts before the lease
+    would expire, because the coordinator counts the silent holder as gone."""
+    from schemas.events import AttemptStarted
+
+    lease_s = 120
+    env = {
+        **service_env,
+        "SLOTFORGE_COORDINATOR__RACING_POLICY": "sequential",
+        "SLOTFORGE_COORDINATOR__LEASE_S": str(lease_s),
+        "SLOTFORGE_COORDINATOR__WORKER_STATUS_TTL_S": "2",
+        "SLOTFORGE_WORKER__SIMULATION__ENABLED": "true",
+        "SLOTFORGE_WORKER__SIMULATION__SIGMA": "0",
+        "SLOTFORGE_WORKER__SIMULATION__ACCEPTANCE": "1.0",
+        "SLOTFORGE_WORKER__GROUP_INSTANCE_ID": "gpu-slot-1",
+    }
+    group = ProcessGroup(tmp_path / "logs", env)
+    group.start("coordinator")
+    group.start("postprocess")
+    # One slot and one claim ahead: the first attempt runs, the second waits for the slot
+    # with its claim granted, and both are still there when the worker is killed.
+    doomed = group.start("gpu-worker", name="gpu-doomed",
+                         env={"SLOTFORGE_WORKER__WORKER_ID": "gpu-doomed",
+                              "SLOTFORGE_WORKER__SLOTS": "1",
+                              "SLOTFORGE_WORKER__CLAIM_AHEAD": "1",
+                              "SLOTFORGE_WORKER__SIMULATION__P50_S": "300"})
+    request = JobRequested(
+        tenant_id="acme", user_id="u1",
+        params=GenerationParams(model="M0001", prompt="attic plan", steps=12),
+        slots=2, deadline_s=600,
+    )
+    try:
+        async with SlotforgeClient(settings.kafka) as client, \
+                TopicReader(settings.kafka, settings.topics.coordinator_events) as events:
+            await client.submit(request)
+            await events.wait_for(lambda seen: sum(b'"attempt.claim"' in r.value
+                                                   for r in seen) >= 2, timeout_s=180)
+            await events.wait_for(lambda seen: any(b'"attempt.started"' in r.value
+                                                   for r in seen), timeout_s=60)
+            # The coordinator follows status reports from its start on, so it must see the
+            # doomed worker report before the kill to notice it went silent.
+            await asyncio.sleep(5 * STATUS_INTERVAL_S)
+            group.kill(doomed)
+            group.start("gpu-worker", name="gpu-successor",
+                        env={"SLOTFORGE_WORKER__WORKER_ID": "gpu-successor",
+                             "SLOTFORGE_WORKER__SLOTS": "2",
+                             "SLOTFORGE_WORKER__SIMULATION__P50_S": "0.2"})
+            completed = await client.wait(request.job_id, timeout_s=lease_s / 2)
+            await events.wait_for(lambda seen: sum(b'"gpu-successor"' in r.value
+                                                   and b'"attempt.started"' in r.value
+                                                   for r in seen) >= 2, timeout_s=60)
+    finally:
+        await asyncio.to_thread(group.stop_all, 15)
+
+    assert completed.status == JobStatus.COMPLETED
+    starts = [decode_event(r.value, AttemptStarted) for r in events.records
+              if b'"attempt.started"' in r.value]
+    successor = {start.attempt_id for start in starts if start.worker_id == "gpu-successor"}
+    assert {slot.attempt_id for slot in completed.slots} <= successor
