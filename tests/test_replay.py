@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import io
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from aiokafka import ConsumerRecord
+from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.errors import EventDecodeError
 from schemas.events import GenerationParams, JobRejected, JobRequested, JobSweep, encode_event
@@ -297,6 +299,26 @@ async def test_replay_deadletter_to_other_topic(settings: Settings, target: str)
 async def test_replay_missing_topic(settings: Settings, target: str) -> None:
     with pytest.raises(ReplayError, match="topic 'no.such.topic' or '.*no.such.topic' not found"):
         await replay(settings, options(settings, target, source="no.such.topic"))
+
+
+@pytest.mark.integration
+async def test_replay_missing_topic_not_created(settings: Settings, target: str) -> None:
+    # The short name is looked up before the prefixed one. Neither lookup may create a
+    # topic, because a second replay would then read the empty topic it created.
+    name = f"missing.{uuid.uuid4().hex[:8]}"
+    for _ in range(2):
+        with pytest.raises(ReplayError, match="not found"):
+            await replay(settings, options(settings, target, source=name))
+
+    admin = AIOKafkaAdminClient(**settings.kafka.client_options())
+    await admin.start()
+    try:
+        topics = set(await admin.list_topics())
+    finally:
+        await admin.close()
+    assert name not in topics
+    assert f"{settings.kafka.topic_prefix}{name}" not in topics
+    assert await topic_partitions(settings.kafka, name) == []
 
 
 @pytest.mark.integration
