@@ -155,6 +155,21 @@ async def test_replay_offset_range(settings: Settings, target: str) -> None:
 
 
 @pytest.mark.integration
+async def test_replay_deeply_nested_json(settings: Settings, target: str) -> None:
+    # Services dead-letter such a record as "JSON nested too deeply". Reading its event type
+    # for the filters and the summary must not crash the replay.
+    nested = b"[" * 100_000
+    await publish(settings, settings.topics.jobs_requested, [Sent(b"deep", nested)])
+
+    summary = await replay(settings, options(settings, target))
+
+    assert summary.sent == 1
+    assert summary.by_event_type == {"(none)": 1}
+    copied = await read_all(settings, target)
+    assert [record.value for record in copied] == [nested]
+
+
+@pytest.mark.integration
 async def test_replay_time_range(settings: Settings, target: str) -> None:
     source = settings.topics.jobs_requested
     base_ms = int(T0.timestamp() * 1_000)
