@@ -277,16 +277,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fetch":
         fetch_jars()
         return 0
+    from streams.processes import sigterm_as_interrupt
+
     broker = KafkaBroker(args.data_dir, port=args.port)
-    broker.start()
-    logger.info("Broker ready on %s; press Ctrl-C to stop", broker.bootstrap_servers)
-    try:
-        assert broker.process is not None
-        broker.process.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        broker.stop()
+    # The broker runs in its own session, so only this process can stop it. SIGTERM from a
+    # process manager must reach the cleanup below, or the Java process keeps running.
+    with sigterm_as_interrupt():
+        try:
+            broker.start()
+            logger.info("Broker ready on %s; press Ctrl-C to stop", broker.bootstrap_servers)
+            assert broker.process is not None
+            broker.process.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            broker.stop()
     return 0
 
 

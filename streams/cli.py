@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="replay the Alibaba trace through a local pipeline")
+    demo = commands.add_parser("demo", help="replay the Alibaba trace through a local pipeline",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--jobs", type=int, default=80, help="trace requests to replay")
     demo.add_argument("--arrival-window", type=float, default=60.0,
                       help="seconds over which the requests arrive")

@@ -14,10 +14,7 @@ import json
 import logging
 import os
 import shutil
-import signal
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +24,7 @@ from schemas.events import JobCompleted, Tier
 from streams.client import JobRejectedError, SlotforgeClient
 from streams.config import LOCAL_DIR, Settings, settings_to_env
 from streams.kafka import create_topics, group_lag, make_producer
-from streams.processes import ProcessGroup
+from streams.processes import ProcessGroup, sigterm_as_interrupt
 from streams.tracing import Tracing
 from streams.trace_replay import (
     DEFAULT_TRACE,
@@ -55,19 +52,6 @@ class DemoOptions:
     out_dir: Path = DEMO_DIR
 
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C, so the same cleanup runs for both."""
-    def raise_interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _reset_local_state(settings: Settings, options: DemoOptions) -> None:
     """Remove what an earlier run left, so every run starts from the same place."""
     for path in (options.out_dir, settings.artifact_dir, settings.delivery_dir):
@@ -83,7 +67,7 @@ def run_demo(settings: Settings, options: DemoOptions) -> dict[str, Any]:
     _reset_local_state(settings, options)
     broker = KafkaBroker(options.out_dir / "kafka")
     processes: ProcessGroup | None = None
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             print(f"Starting Kafka broker (data in {broker.data_dir}) ...", flush=True)
             broker.start()

@@ -111,11 +111,18 @@ async def wait_for_leaders(settings: KafkaSettings, names: Sequence[str],
 
 
 async def topic_partitions(settings: KafkaSettings, *topics: str) -> list[TopicPartition]:
-    """List the partitions of existing topics; a missing topic contributes none."""
+    """List the partitions of existing topics; a missing topic contributes none.
+
+    Only topics in the cluster's topic list are described. aiokafka 0.14 sends its
+    metadata request with auto-creation allowed, so describing a missing topic on a broker
+    with ``auto.create.topics.enable`` (Kafka's default) would create it.
+    """
     admin = AIOKafkaAdminClient(**settings.client_options())
     await admin.start()
     try:
-        described = await admin.describe_topics(list(topics))
+        existing = set(await admin.list_topics())
+        present = [topic for topic in topics if topic in existing]
+        described = await admin.describe_topics(present) if present else []
     finally:
         await admin.close()
     return [

@@ -221,7 +221,8 @@ def _payload_fields(value: bytes | None) -> tuple[str, str | None]:
         return NO_EVENT_TYPE, None
     try:
         payload = json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        # json raises RecursionError, not JSONDecodeError, on deeply nested arrays.
         return NO_EVENT_TYPE, None
     if not isinstance(payload, dict):
         return NO_EVENT_TYPE, None

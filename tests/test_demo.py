@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from streams.cli import build_parser
 from streams.config import ClickHouseSettings, Settings
 from streams.demo import DemoOptions, run_demo
 
@@ -37,3 +38,13 @@ def test_small_demo_end_to_end(tmp_path: Path) -> None:
     written = json.loads((options.out_dir / "summary.json").read_text())
     assert written == summary
     assert len(list((tmp_path / "deliveries").glob("*.json"))) == ended
+
+
+def test_demo_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--help"])
+
+    text = " ".join(capsys.readouterr().out.split())
+    assert "trace requests to replay (default: 80)" in text
+    assert "seconds over which the requests arrive (default: 60.0)" in text
+    assert "concurrent attempts per worker process (default: 2)" in text

@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import io
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from aiokafka import ConsumerRecord
+from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.errors import EventDecodeError
 from schemas.events import GenerationParams, JobRejected, JobRequested, JobSweep, encode_event
@@ -150,6 +152,21 @@ async def test_replay_offset_range(settings: Settings, target: str) -> None:
         [("index", str(i).encode()), TRACE_HEADER] for i in range(3, 7)
     ]
     assert summary.by_partition == {0: 4}
+
+
+@pytest.mark.integration
+async def test_replay_deeply_nested_json(settings: Settings, target: str) -> None:
+    # Services dead-letter such a record as "JSON nested too deeply". Reading its event type
+    # for the filters and the summary must not crash the replay.
+    nested = b"[" * 100_000
+    await publish(settings, settings.topics.jobs_requested, [Sent(b"deep", nested)])
+
+    summary = await replay(settings, options(settings, target))
+
+    assert summary.sent == 1
+    assert summary.by_event_type == {"(none)": 1}
+    copied = await read_all(settings, target)
+    assert [record.value for record in copied] == [nested]
 
 
 @pytest.mark.integration
@@ -297,6 +314,26 @@ async def test_replay_deadletter_to_other_topic(settings: Settings, target: str)
 async def test_replay_missing_topic(settings: Settings, target: str) -> None:
     with pytest.raises(ReplayError, match="topic 'no.such.topic' or '.*no.such.topic' not found"):
         await replay(settings, options(settings, target, source="no.such.topic"))
+
+
+@pytest.mark.integration
+async def test_replay_missing_topic_not_created(settings: Settings, target: str) -> None:
+    # The short name is looked up before the prefixed one. Neither lookup may create a
+    # topic, because a second replay would then read the empty topic it created.
+    name = f"missing.{uuid.uuid4().hex[:8]}"
+    for _ in range(2):
+        with pytest.raises(ReplayError, match="not found"):
+            await replay(settings, options(settings, target, source=name))
+
+    admin = AIOKafkaAdminClient(**settings.kafka.client_options())
+    await admin.start()
+    try:
+        topics = set(await admin.list_topics())
+    finally:
+        await admin.close()
+    assert name not in topics
+    assert f"{settings.kafka.topic_prefix}{name}" not in topics
+    assert await topic_partitions(settings.kafka, name) == []
 
 
 @pytest.mark.integration
