@@ -1011,9 +1011,20 @@ class _CoordinatorWorker(faust.Worker):
     the broker is unreachable.
     """
 
-    def __init__(self, *args: Any, stop_timeout_s: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, stop_timeout_s: float, description: str,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._stop_timeout_s = stop_timeout_s
+        self._description = description
+
+    async def on_start(self) -> None:
+        # faust configures logging when the worker starts, so earlier lines would be lost.
+        await super().on_start()
+        logger.info("Starting coordinator: %s", self._description)
+
+    def on_worker_shutdown(self) -> None:
+        logger.info("Stopping coordinator: %s", self._description)
+        super().on_worker_shutdown()
 
     # NOTE: this overrides mode.Worker's private signal hook (mode-streaming 0.7.1), the
     # only place that sees the stop signal before the consumer starts stopping.
@@ -1031,8 +1042,11 @@ def main() -> int:
     asyncio.run(coordinator.create_changelog())
     # faust spells the warning level "warn".
     loglevel = settings.log_level.lower().replace("warning", "warn")
+    description = (f"app {settings.coordinator.app_id}, pid {os.getpid()}, requests "
+                   f"{settings.topics.jobs_requested}, events {settings.topics.coordinator_events},"
+                   f" racing policy {settings.coordinator.racing_policy}")
     worker = _CoordinatorWorker(coordinator.app, loglevel=loglevel, quiet=True,
-                                stop_timeout_s=settings.stop_timeout_s)
+                                stop_timeout_s=settings.stop_timeout_s, description=description)
     worker.execute_from_commandline()
     return 0
 
