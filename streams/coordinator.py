@@ -554,7 +554,7 @@ class Coordinator:
             await self._publish(flight, decision)
             return
         if isinstance(message, AttemptClaim):
-            decision = flight.on_claim(message, now, self.limits, self.pool.gone_workers())
+            decision = flight.on_claim(message, now, self.limits)
         elif isinstance(message, AttemptStarted):
             decision = flight.on_started(message)
             self._watch(flight, message)

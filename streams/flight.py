@@ -262,12 +262,11 @@ class FlightState(BaseModel):
 
     # ---- claims and progress ---------------------------------------------------------------
 
-    def on_claim(self, claim: AttemptClaim, now: datetime, limits: FlightLimits,
-                 gone_workers: Collection[str] = ()) -> Decision:
+    def on_claim(self, claim: AttemptClaim, now: datetime, limits: FlightLimits) -> Decision:
         """Grant the attempt's lease to one worker at a time; the epoch is the fencing token.
 
-        A lease held by one of ``gone_workers`` (crashed, no status reports) counts as
-        expired, so the worker that now owns the attempt's partition takes it over at once.
+        A lease held by a worker that stopped reporting is not handed over here under the
+        same epoch: the holder may still run. ``on_lease_expired`` fences it first.
         """
         record = self.attempts.get(claim.attempt_id)
         job = self.jobs.get(record.job_id) if record is not None else None
@@ -279,7 +278,7 @@ class FlightState(BaseModel):
         elif not record.live or record.phase == "generated":
             reason = f"attempt already {record.phase}"
         elif (record.worker_id not in (None, claim.worker_id) and record.lease_expires_at
-              and record.lease_expires_at > now and record.worker_id not in gone_workers):
+              and record.lease_expires_at > now):
             reason = (f"lease held by {record.worker_id} until "
                       f"{record.lease_expires_at.isoformat()}")
         if reason:

@@ -66,12 +66,11 @@ def _score(flight: FlightState, attempt: AttemptDispatched, accepted: bool,
 
 
 def _claim(flight: FlightState, attempt: AttemptDispatched, worker: str,
-           now: datetime = NOW, epoch: int | None = None,
-           gone_workers: frozenset[str] = frozenset()) -> bool:
+           now: datetime = NOW, epoch: int | None = None) -> bool:
     claim = AttemptClaim(attempt_id=attempt.attempt_id, job_id=attempt.job_id,
                          job_key=attempt.job_key, epoch=epoch or attempt.epoch,
                          worker_id=worker)
-    return flight.on_claim(claim, now, SEQUENTIAL, gone_workers).claims[0].granted
+    return flight.on_claim(claim, now, SEQUENTIAL).claims[0].granted
 
 
 def test_sequential_dispatches_one_per_slot() -> None:
@@ -194,12 +193,18 @@ def test_expired_lease_redispatches_with_higher_epoch() -> None:
     assert _claim(flight, result.dispatch[0], "w2", later)
 
 
-def test_claim_takes_over_lease_of_gone_worker() -> None:
+def test_gone_holder_fenced_before_takeover() -> None:
     flight, decision = _admit(_request(slots=1))
     attempt = decision.dispatch[0]
     assert _claim(flight, attempt, "w1")
-    assert not _claim(flight, attempt, "w2", gone_workers=frozenset({"w3"}))
-    assert _claim(flight, attempt, "w2", gone_workers=frozenset({"w1"}))
+
+    # The silent holder may still run, so its epoch is never granted to another worker.
+    assert not _claim(flight, attempt, "w2")
+
+    result = flight.on_lease_expired(attempt.attempt_id, NOW, SEQUENTIAL, BUSY,
+                                     frozenset({"w1"}))
+    again = result.dispatch[0]
+    assert _claim(flight, again, "w2")
     assert not _claim(flight, attempt, "w1")
 
 
