@@ -346,13 +346,7 @@ class FlightState(BaseModel):
             record.cancel_reason = "lease expired after the job ended"
             decision.outcomes.append((record.model_copy(), "timed_out"))
             return decision
-        record.epoch += 1
-        record.phase = "dispatched"
-        record.worker_id = None
-        record.lease_expires_at = None
-        record.dispatched_at = now
-        decision.dispatch.append(self._dispatch_event(record, now))
-        return decision
+        return decision.extend(self._run_again(job, record, now, limits, pool, "lease expired"))
 
     def on_attempt_timeout(self, attempt_id: str, epoch: int, now: datetime,
                            limits: FlightLimits, pool: PoolView, *, hung: bool,
@@ -371,16 +365,45 @@ class FlightState(BaseModel):
         decision.outcomes.append((record.model_copy(), "timed_out"))
         job = self.jobs.get(record.job_id)
         if hung and job is not None and job.running:
-            record.epoch += 1
-            record.phase = "dispatched"
-            record.worker_id = None
-            record.lease_expires_at = None
-            record.dispatched_at = now
-            decision.dispatch.append(self._dispatch_event(record, now))
-            return decision
+            return decision.extend(self._run_again(job, record, now, limits, pool, reason,
+                                                   outcome_recorded=True))
         record.phase = "cancelled"
         record.cancel_reason = reason
         return decision.extend(self._settle(now, limits, pool))
+
+    def _run_again(self, job: JobRecord, record: AttemptRecord, now: datetime,
+                   limits: FlightLimits, pool: PoolView, reason: str, *,
+                   outcome_recorded: bool = False) -> Decision:
+        """Re-dispatch an attempt whose worker crashed or hung, under a higher epoch.
+
+        With retry limits set, each re-dispatch counts as a retry of the attempt and of the
+        job, so an attempt that brings down every worker that runs it ends at the limit.
+        """
+        if limits.max_retries_per_attempt > 0:
+            if record.retries >= limits.max_retries_per_attempt \
+                    or job.retries >= limits.max_retries_per_job:
+                record.phase = "failed"
+                record.error = f"{reason} after {record.retries} retries"
+                decision = Decision()
+                if not outcome_recorded:
+                    decision.outcomes.append((record.model_copy(), "failed"))
+                if job.retries >= limits.max_retries_per_job:
+                    decision.completed.append(self._complete(
+                        job, now, f"retry limit of {limits.max_retries_per_job} per job "
+                        f"reached; last error {reason}"[:2_000]))
+                return decision.extend(self._settle(now, limits, pool))
+            record.retries += 1
+            job.retries += 1
+        return Decision(dispatch=[self._next_epoch(record, now)])
+
+    def _next_epoch(self, record: AttemptRecord, now: datetime) -> AttemptDispatched:
+        """Fence the attempt's current run and return its dispatch under the next epoch."""
+        record.epoch += 1
+        record.phase = "dispatched"
+        record.worker_id = None
+        record.lease_expires_at = None
+        record.dispatched_at = now
+        return self._dispatch_event(record, now)
 
     def renew_lease(self, attempt_id: str, epoch: int, worker_id: str, until: datetime) -> bool:
         """Extend a lease from a progress heartbeat of its current holder."""
@@ -451,13 +474,8 @@ class FlightState(BaseModel):
                 and job.retries < limits.max_retries_per_job:
             record.retries += 1
             job.retries += 1
-            record.epoch += 1
-            record.phase = "dispatched"
-            record.worker_id = None
-            record.lease_expires_at = None
-            record.dispatched_at = now
             return Decision(outcomes=[(failed, "failed")],
-                            retry=[(self._dispatch_event(record, now), record.retries)])
+                            retry=[(self._next_epoch(record, now), record.retries)])
 
         record.phase = "failed"
         decision = Decision(outcomes=[(failed, "failed")])

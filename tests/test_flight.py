@@ -223,6 +223,27 @@ def test_lease_of_gone_worker_expires_early() -> None:
     assert result.cancel[0].worker_id == "w1"
 
 
+def test_crash_redispatches_count_as_retries() -> None:
+    limits = FlightLimits(max_attempts_per_slot=3, policy=RacingPolicy.SEQUENTIAL,
+                          max_retries_per_attempt=2, max_retries_per_job=8)
+    flight, decision = _admit(_request(slots=1), limits)
+    attempt = decision.dispatch[0]
+
+    # Two crashes re-dispatch the same attempt under higher epochs.
+    for epoch in (2, 3):
+        assert _claim(flight, attempt, f"w{epoch}", epoch=epoch - 1)
+        result = flight.on_lease_expired(attempt.attempt_id, NOW, limits, BUSY,
+                                         frozenset({f"w{epoch}"}))
+        assert [item.epoch for item in result.dispatch] == [epoch]
+
+    # The third crash fails the attempt, and the job launches a fresh one instead.
+    assert _claim(flight, attempt, "w4", epoch=3)
+    result = flight.on_lease_expired(attempt.attempt_id, NOW, limits, BUSY, frozenset({"w4"}))
+    assert [outcome for _, outcome in result.outcomes] == ["failed"]
+    assert len(result.dispatch) == 1
+    assert result.dispatch[0].attempt_id != attempt.attempt_id
+
+
 def test_stale_epoch_result_never_fills_slot() -> None:
     flight, decision = _admit(_request(slots=1))
     attempt = decision.dispatch[0]
