@@ -530,8 +530,9 @@ class Simulation:
     def _report_progress(self, attempt: _Attempt) -> None:
         if attempt.steps_at_seg <= attempt.obs.steps_done:
             return
+        # The simulated worker reports every step; this catches up on several at once.
         attempt.obs, sample = record_progress(
-            attempt.obs, attempt.steps_at_seg, attempt.last_step_s
+            attempt.obs, attempt.steps_at_seg, attempt.last_step_s, report_steps=1
         )
         if sample is not None and self.estimator is not None:
             self.estimator.observe_sample(attempt.step_class, sample)

@@ -135,13 +135,15 @@ def start_observation(
 
 
 def record_progress(
-    observation: AttemptObservation, step: int, at_s: float
+    observation: AttemptObservation, step: int, at_s: float,
+    report_steps: int | None = None,
 ) -> tuple[AttemptObservation, StepSample | None]:
     """Record that the attempt completed ``step`` steps at ``at_s``.
 
     Returns the new observation and the sample to learn from, or None when no time passed
     since the previous report. A report that does not advance the step count (a redelivered
-    or reordered event) returns the observation unchanged.
+    or reordered event) returns the observation unchanged. ``report_steps`` is how many
+    steps the worker's next report will cover; by default, as many as this one covered.
     """
     step = min(step, observation.total_steps)
     if step <= observation.steps_done:
@@ -172,7 +174,7 @@ def record_progress(
         (),
         observation.retries_left,
         observation.other_attempts_in_flight,
-        steps,
+        steps if report_steps is None else report_steps,
     )
     return updated, sample
 
