@@ -166,9 +166,9 @@ def route_shortest_queue(
 ) -> tuple[str, int] | None:
     """Pick the worker with the fewest attempts queued for it and one of its partitions.
 
-    For a saturated pool, where no worker is free: a worker takes attempts only from its
-    own partitions, so spreading them by key alone leaves one worker idle at the end of a
-    backlog while the other still has a queue. Ties go to the worker that ranks highest
+    Used when the pool is saturated and no worker is free. A worker takes attempts only
+    from its own partitions, so spreading them by key alone leaves one worker idle at the
+    end of a backlog while the other still has a queue. Ties go to the worker that ranks highest
     for ``record_key``. Returns None when no worker owns partitions.
     """
     candidates = sorted(worker_id for worker_id, partitions in owned_partitions.items()

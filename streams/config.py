@@ -191,9 +191,9 @@ class WorkerSettings(BaseModel):
     claim_ahead: int = Field(default=1, ge=0, le=64)
     # Seconds between measurements of the queued attempts per tier (end offsets).
     tier_refresh_s: float = Field(default=0.2, gt=0)
-    # Maximum time the broker waits for records before it answers a fetch of the attempts
-    # topics. aiokafka keeps one fetch per broker in flight, so a partition that the tier
-    # policy resumes waits for that fetch, and aiokafka's default of 500 ms idled free slots.
+    # Maximum time the broker holds a fetch of the attempts topics open while no records
+    # arrive. aiokafka keeps one fetch per broker in flight, so a partition that the tier
+    # policy resumes waits for that fetch. aiokafka's default of 500 ms left free slots idle.
     attempts_fetch_max_wait_ms: int = Field(default=50, ge=0)
 
     @model_validator(mode="after")

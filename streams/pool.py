@@ -49,8 +49,8 @@ class PoolMonitor:
         """Return the workers that stopped reporting while others kept reporting.
 
         A worker counts as gone when its last report is more than the status TTL older than
-        both now and the latest report of any worker, so a coordinator that fell behind on
-        the status topic does not take every worker for gone. A worker that reports
+        both now and the latest report of any worker. A coordinator that fell behind on the
+        status topic therefore does not take every worker for gone. A worker that reports
         ``stopping`` still runs its attempts until it exits, so it is not gone.
         """
         now = time.monotonic() if now_s is None else now_s

@@ -213,9 +213,9 @@ def test_lease_of_gone_worker_expires_early() -> None:
     attempt = decision.dispatch[0]
     assert _claim(flight, attempt, "w1")
 
-    kept = flight.on_lease_expired(attempt.attempt_id, NOW, SEQUENTIAL, BUSY,
-                                   frozenset({"w2"}))
-    assert kept.dispatch == []
+    unchanged = flight.on_lease_expired(attempt.attempt_id, NOW, SEQUENTIAL, BUSY,
+                                        frozenset({"w2"}))
+    assert unchanged.dispatch == []
 
     result = flight.on_lease_expired(attempt.attempt_id, NOW, SEQUENTIAL, BUSY,
                                      frozenset({"w1"}))
