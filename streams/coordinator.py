@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -82,7 +83,7 @@ from streams.liveness import LivenessTracker
 from streams.pool import PoolMonitor, RunningAttempts
 from streams.retry import BackoffPolicy, retry_headers, retry_level
 from streams.step_times import StepClass
-from streams.racing import AcceptanceEstimator, RacingPolicy, ServiceTimes
+from streams.racing import STRAGGLER_FACTOR, AcceptanceEstimator, RacingPolicy, ServiceTimes
 from streams.service import start_exit_watchdog
 from streams.tracing import Tracing, datetime_ns, extract_context, inject_headers, stage_span
 
@@ -131,11 +132,15 @@ class Coordinator:
         config = settings.coordinator
         topics = settings.topics
         partitions = settings.kafka.partitions
+        # The table lives in memory and its changelog, so faust's data folder contains nothing
+        # a restart needs; a temporary one keeps the working directory clean.
+        self._data_dir = tempfile.TemporaryDirectory(prefix="slotforge-coordinator-")
         self.app = FetchTunedApp(
             f"{settings.kafka.topic_prefix}{config.app_id}",
             fetch_max_wait_ms=config.fetch_max_wait_ms,
             broker=[f"kafka://{server}" for server in settings.kafka.bootstrap_servers.split(",")],
             store="memory://",
+            datadir=self._data_dir.name,
             web_enabled=False,
             topic_partitions=partitions,
             topic_replication_factor=settings.kafka.replication_factor,
@@ -207,6 +212,8 @@ class Coordinator:
         self._started_at = _utc_now()
         self._sweeps_sent: set[tuple[str, str, str]] = set()
         self._cancels_sent: dict[tuple[str, int], float] = {}
+        # Monotonic time of each flight's latest replan from a heartbeat.
+        self._replanned_at: dict[str, float] = {}
         # Wall-clock times of attempts routed to each worker, so the slots they take count as
         # busy until a status report newer than the routing includes them.
         self._routed_at: dict[str, list[float]] = {}
@@ -526,13 +533,14 @@ class Coordinator:
         except EventDecodeError as err:
             await self._dead_letter(event, err)
             return
-        straggler = False
+        straggler = replan = False
         if isinstance(message, AttemptProgress):
             self.liveness.progress(message.attempt_id, message.epoch, message.step)
             self.running.progress(message.attempt_id, message.step, message.total_steps,
                                   message.emitted_at.timestamp())
             straggler = self._is_straggler(message)
-            if self._renew(message) and not straggler:
+            replan = straggler or self._replan_due(message.job_key)
+            if self._renew(message) and not replan:
                 return
 
         flight = self._load(message.job_key)
@@ -546,9 +554,12 @@ class Coordinator:
         if isinstance(message, AttemptProgress):
             decision = flight.on_progress(message)
             self._adopt(flight, message)
+            if replan:
+                planned = flight.replan(now, self.limits, pool)
+                decision.extend(planned)
+                if straggler or planned.dispatch or planned.cancel or planned.completed:
+                    self._store(flight)
             if straggler:
-                decision.extend(flight.replan(now, self.limits, pool))
-                self._store(flight)
                 # Later heartbeats of a straggler need no second look at its flight.
                 self.running.ended(message.attempt_id)
             await self._publish(flight, decision)
@@ -598,6 +609,22 @@ class Coordinator:
         if self.limits.policy is not RacingPolicy.ADAPTIVE:
             return False
         return self.running.is_straggler(progress.attempt_id, self.service_times)
+
+    def _replan_due(self, job_key: str) -> bool:
+        """Whether a heartbeat should let its flight race into the pool's idle slots.
+
+        Slots free up as other jobs' attempts end, and only heartbeats reach a flight
+        between its own results, so the adaptive policy looks again at most once per
+        ``replan_interval_s`` while the pool has idle slots.
+        """
+        if self.limits.policy is not RacingPolicy.ADAPTIVE or self.pool.idle_slots() <= 0:
+            return False
+        now_s = time.monotonic()
+        last_s = self._replanned_at.get(job_key)
+        if last_s is not None and now_s - last_s < self.settings.coordinator.replan_interval_s:
+            return False
+        self._replanned_at[job_key] = now_s
+        return True
 
     def _observe_acceptance(self, flight: FlightState, scored: ResultScored) -> None:
         record = flight.attempts.get(scored.attempt_id)
@@ -808,6 +835,10 @@ class Coordinator:
 
     async def _send_attempt(self, flight: FlightState, attempt: AttemptDispatched) -> None:
         topic = self._attempt_topic(attempt)
+        typical_s = self.service_times.median_s(class_of(flight.params))
+        if self.limits.policy is RacingPolicy.ADAPTIVE and typical_s:
+            attempt = attempt.model_copy(
+                update={"straggler_remaining_s": STRAGGLER_FACTOR * typical_s})
         routed_to = self._affinity_partition(attempt)
         worker_id: str | None = None
         partition: int | None = None
@@ -923,6 +954,10 @@ class Coordinator:
         co-partitioned events topic instead of changing the table itself.
         """
         now = _utc_now()
+        # Flights that stopped reporting progress need no replan time kept.
+        horizon_s = time.monotonic() - 10 * self.settings.coordinator.replan_interval_s
+        self._replanned_at = {key: at for key, at in self._replanned_at.items()
+                              if at >= horizon_s}
         for watched, verdict in self.liveness.due():
             action = "hung" if verdict.action == "kill_hung" else "too_slow"
             sweep = JobSweep(job_id=watched.job_id, job_key=watched.job_key, action=action,
