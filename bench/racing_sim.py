@@ -42,7 +42,14 @@ from schemas.events import (
 )
 from streams.config import SimulationSettings
 from streams.flight import Decision, FlightLimits, FlightState, PoolView
-from streams.racing import AcceptanceEstimator, AttemptRun, RacingPolicy, ServiceTimes
+from streams.racing import (
+    STRAGGLER_FACTOR,
+    STRAGGLER_MIN_STEPS,
+    AcceptanceEstimator,
+    AttemptRun,
+    RacingPolicy,
+    ServiceTimes,
+)
 from streams.trace_replay import TraceRequest, compress, to_job_request
 
 SIM_WORKER = "sim-worker"
@@ -67,14 +74,36 @@ class SimConfig:
     dispatch_delay_s: float = 0.03
     score_delay_s: float = 0.03
     cancel_delay_s: float = 0.03
-    # How often the coordinator looks at running attempts' progress, as the heartbeat of
-    # every denoising step would let it.
+    # How often the coordinator looks at running attempts' progress.
     check_interval_s: float = 0.05
+    # The worker's shortest time between two progress reports. A straggling attempt
+    # reports once more as soon as it projects past its threshold.
+    progress_min_interval_s: float = 0.25
     seed: int = 7
 
     @property
     def mean_service_s(self) -> float:
         return self.p50_s * math.exp(self.sigma ** 2 / 2)
+
+
+def last_report_step(steps_done: int, step_s: float, total_steps: int, min_interval_s: float,
+                     straggler_remaining_s: float | None) -> int:
+    """Return the step of a worker's latest progress report, 0 before the first.
+
+    The worker reports step 1, then the first step at least ``min_interval_s`` after its
+    previous report; the steps of a simulated attempt take equal time. At that constant
+    rate a projection only shrinks, so the worker's straggler check can only fire at the
+    first step the rule judges.
+    """
+    if steps_done < 1:
+        return 0
+    every = max(1, math.ceil(min_interval_s / step_s - 1e-9))
+    reported = 1 + every * ((steps_done - 1) // every)
+    judged = 1 + STRAGGLER_MIN_STEPS
+    if (straggler_remaining_s is not None and steps_done >= judged
+            and step_s * (total_steps - judged) > straggler_remaining_s):
+        reported = max(reported, judged)
+    return reported
 
 
 @dataclass
@@ -89,6 +118,8 @@ class _Attempt:
     score: float
     steps: int
     followup: bool = False
+    # The dispatch's straggler threshold, which the worker checks at every step.
+    straggler_remaining_s: float | None = None
     started_s: float | None = None
     cancelled: bool = False
     token: int = 0
@@ -187,18 +218,23 @@ class RacingSimulation:
         return _EPOCH + timedelta(seconds=self.now_s)
 
     def _pool(self, flight: FlightState) -> PoolView:
-        # Like the coordinator, measure the step rate from the first heartbeat to the latest.
+        # Like the coordinator, measure the step rate from the first report to the latest.
         running = {}
         for attempt in self.running.values():
-            steps_done = self._steps_done(attempt)
-            if attempt.job_key == flight.job_key and steps_done >= 1:
+            reported = self._reported_step(attempt)
+            if attempt.job_key == flight.job_key and reported >= 1:
                 running[attempt.attempt_id] = AttemptRun(
-                    running_s=(steps_done - 1) * attempt.service_s / attempt.steps,
-                    steps_done=steps_done - 1, total_steps=attempt.steps - 1)
+                    running_s=(reported - 1) * attempt.service_s / attempt.steps,
+                    steps_done=reported - 1, total_steps=attempt.steps - 1)
         idle = self.free_slots - len(self.queue) - len(self.followups) - self.in_transit
         return PoolView(acceptance_rate=self.acceptance.rate("sim"), idle_slots=idle,
                         running=running,
                         typical_service_s=self.service_times.median_s("sim"))
+
+    def _reported_step(self, attempt: _Attempt) -> int:
+        return last_report_step(self._steps_done(attempt), attempt.service_s / attempt.steps,
+                                attempt.steps, self.config.progress_min_interval_s,
+                                attempt.straggler_remaining_s)
 
     def _steps_done(self, attempt: _Attempt) -> int:
         assert attempt.started_s is not None
@@ -224,9 +260,12 @@ class RacingSimulation:
         for dispatch in decision.dispatch:
             service_s, accepted, _, _ = self.runner._draw(dispatch.seed)  # noqa: SLF001
             score = random.Random(dispatch.seed).random() / 2 + (0.5 if accepted else 0.0)
+            typical_s = self.service_times.median_s("sim")
+            threshold_s = (STRAGGLER_FACTOR * typical_s if typical_s
+                           and self.limits.policy is RacingPolicy.ADAPTIVE else None)
             attempt = _Attempt(dispatch.attempt_id, dispatch.epoch, flight.job_key,
                                dispatch.job_id, dispatch.seed, service_s, accepted, score,
-                               dispatch.params.steps, dispatch.followup)
+                               dispatch.params.steps, dispatch.followup, threshold_s)
             self.attempts[(attempt.attempt_id, attempt.epoch)] = attempt
             self.jobs[dispatch.job_id].attempts += 1
             self.in_transit += 1

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
@@ -73,6 +74,7 @@ from streams.kafka import (
     topic_partitions,
 )
 from streams.metrics import ATTEMPTS_IN_FLIGHT, SLOT_UTILIZATION, lag_routine
+from streams.racing import AttemptRun, is_straggling
 from streams.service import serve
 from streams.tracing import Tracing, extract_context, inject_headers, record_wait, stage_span
 
@@ -659,7 +661,7 @@ class GpuWorker:
         await self._send_coordinator(started, event.job_key, headers, wait=True)
 
         loop = asyncio.get_running_loop()
-        progress: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
+        progress: asyncio.Queue[tuple[int, int, datetime] | None] = asyncio.Queue()
         pump = asyncio.create_task(self._publish_progress(event, progress, headers))
         on_step = self._step_callback(attempt, loop, progress)
         request = GenerationRequest.from_params(event.params, event.seed)
@@ -684,21 +686,30 @@ class GpuWorker:
         self,
         attempt: _Attempt,
         loop: asyncio.AbstractEventLoop,
-        progress: asyncio.Queue[tuple[int, int] | None],
+        progress: asyncio.Queue[tuple[int, int, datetime] | None],
     ) -> Callable[[int, int], None]:
         every = self.settings.worker.progress_every_steps
         min_interval_s = self.settings.worker.progress_min_interval_s
         deadline = attempt.event.deadline_at.timestamp()
+        straggler_s = attempt.event.straggler_remaining_s
         last_sent_s = -math.inf
+        # The first report's step and time: the coordinator measures the step rate from it.
+        first: tuple[int, float] | None = None
 
         def on_step(step: int, total: int) -> None:
-            nonlocal last_sent_s
+            nonlocal last_sent_s, first, straggler_s
             # Runs on the slot's thread; the queue belongs to the event loop.
             now_s = time.monotonic()
             due = step % every == 0 and now_s - last_sent_s >= min_interval_s
+            if not due and first is not None and straggler_s is not None and is_straggling(
+                    AttemptRun(now_s - first[1], step - first[0], total - first[0]),
+                    straggler_s):
+                # Reported once, so the coordinator can replace it without waiting.
+                due, straggler_s = True, None
             if due or step == total:
                 last_sent_s = now_s
-                loop.call_soon_threadsafe(progress.put_nowait, (step, total))
+                first = first or (step, now_s)
+                loop.call_soon_threadsafe(progress.put_nowait, (step, total, utc_now()))
             if step < total and time.time() >= deadline:
                 attempt.request_cancel(
                     "deadline passed during generation",
@@ -814,12 +825,13 @@ class GpuWorker:
     async def _publish_progress(
         self,
         event: AttemptDispatched,
-        progress: asyncio.Queue[tuple[int, int] | None],
+        progress: asyncio.Queue[tuple[int, int, datetime] | None],
         headers: Headers,
     ) -> None:
         """Publish queued progress steps in order until the ``None`` sentinel arrives."""
         while (item := await progress.get()) is not None:
-            step, total = item
+            # Stamped at the step, so a busy event loop does not skew the measured rate.
+            step, total, at = item
             heartbeat = AttemptProgress(
                 attempt_id=event.attempt_id,
                 job_id=event.job_id,
@@ -828,6 +840,7 @@ class GpuWorker:
                 worker_id=self.worker_id,
                 step=step,
                 total_steps=total,
+                emitted_at=at,
             )
             await self._send_coordinator(heartbeat, event.job_key, headers, wait=False)
 

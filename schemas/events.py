@@ -167,6 +167,9 @@ class AttemptDispatched(_Event):
     deadline_at: AwareDatetime
     # Dispatched after the job's first attempts: a retry, a replacement or a re-dispatch.
     followup: bool = False
+    # Projected remaining seconds past which the coordinator replaces this attempt. A
+    # worker whose projection passes it reports progress at once, between regular reports.
+    straggler_remaining_s: float | None = Field(default=None, gt=0)
 
 
 class _AttemptEvent(_Event):

@@ -108,6 +108,9 @@ class CoordinatorSettings(BaseModel):
     lag_check_interval_s: float = Field(default=2.0, gt=0)
     # Seconds between sweeps that look for jobs past their deadline.
     sweep_interval_s: float = Field(default=1.0, gt=0)
+    # Seconds between two looks of the adaptive policy at a flight whose attempts report
+    # progress, so the flight can race into slots other jobs free and replace stragglers.
+    replan_interval_s: float = Field(default=0.1, gt=0)
     # Route first attempts to a partition of the worker that model affinity picks; off, the
     # default partitioner spreads them by key.
     affinity_routing: bool = True

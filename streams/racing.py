@@ -133,14 +133,20 @@ def stragglers(runs: Mapping[str, AttemptRun], typical_service_s: float | None,
     """
     if typical_service_s is None or typical_service_s <= 0:
         return []
-    found = []
-    for attempt_id, run in runs.items():
-        remaining_s = run.remaining_s()
-        if run.steps_done < min_steps or remaining_s is None:
-            continue
-        if remaining_s > factor * typical_service_s:
-            found.append(attempt_id)
-    return found
+    threshold_s = factor * typical_service_s
+    return [attempt_id for attempt_id, run in runs.items()
+            if is_straggling(run, threshold_s, min_steps)]
+
+
+def is_straggling(run: AttemptRun, threshold_s: float,
+                  min_steps: int = STRAGGLER_MIN_STEPS) -> bool:
+    """Check whether one attempt's projected remaining time exceeds ``threshold_s``.
+
+    The worker applies the same rule to its own steps, so it reports a straggler at once
+    instead of at its next regular progress report.
+    """
+    remaining_s = run.remaining_s()
+    return run.steps_done >= min_steps and remaining_s is not None and remaining_s > threshold_s
 
 
 def worth_finishing(run: AttemptRun | None, typical_service_s: float | None,

@@ -11,7 +11,13 @@ import pytest
 
 from bench import racing
 from bench.pipeline_run import AttemptLog, JobOutcome, duplicate_executions
-from bench.racing_sim import RacingSimulation, SimConfig, pooled_metrics, replicate_schedule
+from bench.racing_sim import (
+    RacingSimulation,
+    SimConfig,
+    last_report_step,
+    pooled_metrics,
+    replicate_schedule,
+)
 from infra.kafka_broker import KafkaBroker
 from schemas.events import (
     AttemptFinished,
@@ -176,6 +182,16 @@ def test_simulated_adaptive_replaces_stragglers() -> None:
 
     assert result.cancel_reasons.get("straggler", 0) > 0
     assert result.cancel_reasons.get("slots filled", 0) > 0
+
+
+def test_simulated_report_steps() -> None:
+    # 0.1 s steps against a 0.25 s interval: reports at steps 1, 4, 7, ...
+    assert [last_report_step(done, 0.1, 30, 0.25, None) for done in (0, 1, 3, 4, 8)] == \
+        [0, 1, 1, 4, 7]
+    # 27 steps of 0.1 s are left after step 3, past a 2 s threshold: step 3 reports.
+    assert last_report_step(3, 0.1, 30, 0.25, 2.0) == 3
+    assert last_report_step(3, 0.1, 30, 0.25, 3.0) == 1
+    assert last_report_step(2, 0.1, 30, 0.25, 2.0) == 1
 
 
 def test_pooled_metrics_spread_per_group() -> None:

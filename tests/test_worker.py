@@ -230,6 +230,23 @@ async def test_heartbeats_throttled_by_interval(settings: Settings) -> None:
     assert _finished(events.records)[0].status == AttemptStatus.SUCCEEDED
 
 
+async def test_straggler_reports_early(settings: Settings) -> None:
+    settings = _with_worker(settings, progress_min_interval_s=3600.0)
+    # Every run projects past this threshold once two steps after its first report are done.
+    attempt = _dispatch(steps=6).model_copy(update={"straggler_remaining_s": 1e-6})
+
+    async with TopicReader(settings.kafka, settings.topics.coordinator_events) as events:
+        async with _running(worker.run, settings):
+            await _send(settings, attempt)
+            await events.wait_for(_count_finished(1), timeout_s=120)
+
+    progress = [event for event in _events(events.records) if isinstance(event, AttemptProgress)]
+    # The straggler report comes once, at the first step the rule may judge.
+    assert [event.step for event in progress] == [1, 3, 6]
+    stamps = [event.emitted_at for event in progress]
+    assert stamps == sorted(stamps)
+
+
 async def test_higher_epoch_supersedes_running(settings: Settings) -> None:
     first = _dispatch(steps=40)
     second = first.model_copy(update={"epoch": 2})
