@@ -30,5 +30,8 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow and not chaos" $(PYTEST_ARGS)
 
+lint: setup
+	$(PY) -m ruff check .
+
 clean:
 	rm -rf .local

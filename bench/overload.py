@@ -54,9 +54,14 @@ from schemas.events import (
 )
 from streams.config import LOCAL_DIR, KafkaSettings, Settings, SimulationSettings
 from streams.kafka import make_consumer, topic_partitions
-from streams.trace_replay import DEFAULT_TRACE, TraceRequest, densest_window, load_trace
+from streams.trace_replay import (
+    DEFAULT_TRACE,
+    TraceRequest,
+    densest_window,
+    load_trace,
+    to_job_request,
+)
 from streams.trace_replay import compress as compress_trace
-from streams.trace_replay import to_job_request
 
 POLICIES = ("none", "admission")
 TIER_MIX = {Tier.INTERACTIVE: 0.2, Tier.STANDARD: 0.5, Tier.BATCH: 0.3}

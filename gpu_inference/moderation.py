@@ -41,8 +41,8 @@ async def moderate(session: aiohttp.ClientSession, url: str, finished: AttemptFi
         async with session.post(url, data=png, headers=headers) as response:
             if response.status == 429 or response.status >= 500:
                 body = (await response.text())[:_MAX_BODY_CHARS]
-                raise TransientError(f"moderation API responded with HTTP {response.status}: {body}",
-                                     **ids)
+                raise TransientError(
+                    f"moderation API responded with HTTP {response.status}: {body}", **ids)
             if response.status >= 300:
                 body = (await response.text())[:_MAX_BODY_CHARS]
                 raise PermanentError(f"moderation API rejected the request with HTTP "

@@ -3,13 +3,14 @@
 The worker consumes ``attempts.<tier>`` for every tier in one consumer group and fetches only
 while a slot is free, or while fewer than ``claim_ahead`` claimed attempts wait for one. It
 fetches from the tiers its tier policy (``gpu_inference.tier_policy``) chooses, and the other
-tiers' partitions stay paused. For each attempt it publishes ``attempt.started``, ``attempt.progress``
-heartbeats and ``attempt.finished`` to the coordinator events topic, keyed by the job key.
-Before it runs an attempt it claims it and waits for the coordinator's grant on the control
-topic, which it follows from every partition; a cancellation there stops the attempt at
-its next denoising step. Claimed attempts that can share one pipeline call (see
-``gpu_inference.batching``) run as a batch of up to ``max_batch_size``, waiting at most
-``max_batch_wait_ms`` for others. Progress, cancellation and failures stay per attempt.
+tiers' partitions stay paused. For each attempt it publishes ``attempt.started``,
+``attempt.progress`` heartbeats and ``attempt.finished`` to the coordinator events topic,
+keyed by the job key. Before it runs an attempt it claims it and waits for the
+coordinator's grant on the control topic, which it follows from every partition; a
+cancellation there stops the attempt at its next denoising step. Claimed attempts that can
+share one pipeline call (see ``gpu_inference.batching``) run as a batch of up to
+``max_batch_size``, waiting at most ``max_batch_wait_ms`` for others. Progress,
+cancellation and failures stay per attempt.
 Every second it reports on the status topic its busy slots, its warm models and adapters,
 and the partitions of the attempts topics assigned to it, so the coordinator can route
 attempts to it.

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import base64
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -251,7 +250,7 @@ async def _answers_metadata(bootstrap_servers: str) -> bool:
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 2.0)
         writer.close()
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return False
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=3_000)
@@ -259,7 +258,7 @@ async def _answers_metadata(bootstrap_servers: str) -> bool:
         await admin.start()
         await admin.list_topics()
         return True
-    except (KafkaError, OSError, asyncio.TimeoutError):
+    except (TimeoutError, KafkaError, OSError):
         return False
     finally:
         await admin.close()

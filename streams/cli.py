@@ -86,8 +86,6 @@ def _cmd_broker(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    import json
-
     module = importlib.import_module(f"bench.{args.suite}")
     results = module.run(args.out, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)

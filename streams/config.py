@@ -161,9 +161,9 @@ class WorkerSettings(BaseModel):
     # Emit one progress heartbeat every N denoising steps.
     progress_every_steps: int = Field(default=1, ge=1)
     # Minimum seconds between two heartbeats of one attempt; the first due step and the
-    # last step are always sent. Every heartbeat is an event for the coordinator, and per-step heartbeats
-    # of fast steps made them most of its load. Keep it well under the timeout policy's
-    # one-second minimum silence.
+    # last step are always sent. Every heartbeat is an event for the coordinator, and
+    # per-step heartbeats of fast steps made them most of its load. Keep it well under the
+    # timeout policy's one-second minimum silence.
     progress_min_interval_s: float = Field(default=0.25, ge=0)
     status_interval_s: float = Field(default=1.0, gt=0)
     # Seconds to wait for the coordinator's answer to a claim before asking again.

@@ -72,6 +72,7 @@ from streams.kafka import (
     topic_partitions,
     wait_for_leaders,
 )
+from streams.liveness import LivenessTracker
 from streams.metrics import (
     ADMISSION_DECISIONS,
     CACHE_LOOKUPS,
@@ -79,12 +80,11 @@ from streams.metrics import (
     DEAD_LETTERS,
     start_metrics_server,
 )
-from streams.liveness import LivenessTracker
 from streams.pool import PoolMonitor, RunningAttempts
-from streams.retry import BackoffPolicy, retry_headers, retry_level
-from streams.step_times import StepClass
 from streams.racing import STRAGGLER_FACTOR, AcceptanceEstimator, RacingPolicy, ServiceTimes
+from streams.retry import BackoffPolicy, retry_headers, retry_level
 from streams.service import start_exit_watchdog
+from streams.step_times import StepClass
 from streams.tracing import Tracing, datetime_ns, extract_context, inject_headers, stage_span
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,6 @@ from streams.client import JobRejectedError, SlotforgeClient
 from streams.config import LOCAL_DIR, Settings, settings_to_env
 from streams.kafka import create_topics, group_lag, make_producer
 from streams.processes import ProcessGroup, sigterm_as_interrupt
-from streams.tracing import Tracing
 from streams.trace_replay import (
     DEFAULT_TRACE,
     compress,
@@ -34,6 +33,7 @@ from streams.trace_replay import (
     replay,
     to_job_request,
 )
+from streams.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 

@@ -9,10 +9,6 @@ from pathlib import Path
 import pytest
 
 from schemas.events import AttemptDispatched, GenerationParams, JobRequested, Tier, decode_event
-from streams.client import JobRejectedError, SlotforgeClient
-from streams.config import Settings
-from streams.processes import ProcessGroup
-from tests.kafka_helpers import TopicReader
 from streams.admission import (
     AdmissionAction,
     AdmissionPolicy,
@@ -23,6 +19,10 @@ from streams.admission import (
     decide,
     estimated_wait_s,
 )
+from streams.client import JobRejectedError, SlotforgeClient
+from streams.config import Settings
+from streams.processes import ProcessGroup
+from tests.kafka_helpers import TopicReader
 
 # The share model is the weighted tier order; strict and fifo have their own tests.
 POLICY = AdmissionPolicy(tier_order=WorkerTierOrder.WEIGHTED)
