@@ -42,6 +42,7 @@ from bench.pipeline_run import (
     percentile,
     run_settings,
 )
+from bench.racing_sim import SimConfig, simulate_suite
 from bench.suite_support import (
     format_number,
     git_state,
@@ -52,7 +53,6 @@ from bench.suite_support import (
     unique_job_schedule,
     wrap,
 )
-from bench.racing_sim import SimConfig, simulate_suite
 from schemas.events import AttemptFinished, AttemptStatus, JobRequested
 from streams.config import LOCAL_DIR, CoordinatorSettings, SimulationSettings
 from streams.racing import RacingPolicy
@@ -623,9 +623,13 @@ def _simulated_section(simulated: dict[str, Any]) -> list[str]:
         "own decision code. Every attempt's service time and verdict come from the simulated "
         f"GPU's draw for its seed. The pool is {config['pool_slots']} slots behind two FIFO "
         "queues, follow-up attempts before first attempts, as workers take them. Kafka hops "
-        f"are fixed delays: {config['dispatch_delay_s']:g} s from dispatch to the queue, {config['score_delay_s']:g} s from a finished attempt to its verdict, "
-        f"{config['cancel_delay_s']:g} s from a cancel to the freed slot; the coordinator "
-        f"looks at running attempts' step progress every {config['check_interval_s']:g} s. "
+        f"are fixed delays: {config['dispatch_delay_s']:g} s from dispatch to the queue, "
+        f"{config['score_delay_s']:g} s from a finished attempt to its verdict, "
+        f"{config['cancel_delay_s']:g} s from a cancel to the freed slot. The coordinator "
+        f"looks at running attempts every {config['check_interval_s']:g} s and sees the "
+        "step of each attempt's latest progress report: step 1, then at most one every "
+        f"{config.get('progress_min_interval_s', 0):g} s, plus one as soon as a straggler "
+        "projects past its threshold, as the workers report. "
         "These delays are estimates, so compare policies within one load. The p99 range "
         "lists the p99 of each of five groups of replicates; GPU time counts every "
         "attempt's seconds on a slot, cancelled ones included.",
