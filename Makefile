@@ -32,6 +32,7 @@ test-fast: setup
 
 lint: setup
 	$(PY) -m ruff check .
+	$(PY) -m mypy schemas streams gpu_inference consumers infra bench
 
 clean:
 	rm -rf .local

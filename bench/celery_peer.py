@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import redis
 from celery import Celery, chord, group
@@ -44,6 +45,15 @@ logger = logging.getLogger(__name__)
 STOP_GRACE_S = 15.0
 # Pool processes of the worker that runs chord callbacks; they only append to a Redis list.
 JOBS_WORKER_CONCURRENCY = 2
+
+
+def _pop_completion(client: redis.Redis, timeout_s: float) -> tuple[bytes, bytes] | None:
+    """Pop the oldest completion as (list name, JSON value), or None after ``timeout_s``."""
+    # redis-py 5.2 types the timeout as int, but Redis 6 and later take fractional seconds.
+    popped = client.blpop([COMPLETED_KEY], timeout=timeout_s)  # type: ignore[arg-type]
+    # The synchronous client returns the reply itself, never an awaitable, and redis-py
+    # turns BLPOP's reply into a (list name, value) tuple.
+    return cast(tuple[bytes, bytes] | None, popped)
 
 
 @dataclass
@@ -196,7 +206,7 @@ class CeleryRun:
         job = {"job_id": "warmup", "seed": 1,
                "params": {"model": "bench-warmup", "prompt": "warm-up", "steps": 2}}
         self._submit(job, 1)
-        popped = self.redis.blpop([COMPLETED_KEY], timeout=max(1.0, timeout_s))
+        popped = _pop_completion(self.redis, max(1.0, timeout_s))
         if popped is None:
             raise TimeoutError(f"the warm-up job did not complete; see the logs in "
                                f"{self.log_dir}")
@@ -249,7 +259,7 @@ class CeleryRun:
                                if now < outcome.submitted_s + wait_timeout_s]
                     if not pending:
                         return
-                popped = client.blpop([COMPLETED_KEY], timeout=0.5)
+                popped = _pop_completion(client, 0.5)
                 if popped is None:
                     continue
                 completed = json.loads(popped[1])
@@ -270,7 +280,9 @@ class CeleryRun:
         An execution on a killed worker without a finish ends at the kill. One on a live
         worker without a finish runs until the newest record.
         """
-        events = [json.loads(raw) for raw in self.redis.lrange(EXECUTIONS_KEY, 0, -1)]
+        # The synchronous client returns the reply itself, never an awaitable.
+        raws = cast(list[bytes], self.redis.lrange(EXECUTIONS_KEY, 0, -1))
+        events = [json.loads(raw) for raw in raws]
         finishes = {(event["attempt"], event["node"]): event for event in events
                     if event["event"] == "finish"}
         last = max((event["at"] for event in events), default=time.time())

@@ -577,7 +577,7 @@ def policy_metrics(schedule: Sequence[tuple[float, JobRequested]],
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    checks = []
+    checks: list[dict[str, Any]] = []
     admission = results.get("admission")
     if admission is None:
         return checks

@@ -28,10 +28,10 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from bench.pipeline_run import (
     PipelineRun,
@@ -151,10 +151,11 @@ class ChaosPipeline(PipelineRun):
         for service in self.extra_services:
             self.processes.start(service)
         for worker_id in self.worker_ids:
-            self.start_worker(worker_id)
+            self.start_worker_process(worker_id)
         await self.wait_ready(timeout_s=180.0)
 
-    def start_worker(self, worker_id: str) -> ServiceProcess:
+    def start_worker_process(self, worker_id: str) -> ServiceProcess:
+        """Start a GPU worker with the full ``worker_id`` and return its process."""
         return self.processes.start("gpu-worker", name=worker_id.rsplit(".", 1)[-1],
                                     env={"SLOTFORGE_WORKER__WORKER_ID": worker_id})
 
@@ -222,7 +223,8 @@ class RunOutcome:
         return len(self.completed) + len(self.rejected)
 
 
-FaultAction = Callable[["FaultContext"], Awaitable[dict[str, Any]]]
+# A coroutine function, because the run wraps its call in a task.
+FaultAction = Callable[["FaultContext"], Coroutine[Any, Any, dict[str, Any]]]
 
 
 @dataclass
@@ -530,7 +532,7 @@ def rebalance_during_long_attempts(extra_after_s: float, extra_for_s: float) -> 
         pipeline = context.pipeline
         await asyncio.sleep(extra_after_s)
         extra_id = f"{pipeline.settings.kafka.topic_prefix}gpu-extra"
-        extra = pipeline.start_worker(extra_id)
+        extra = pipeline.start_worker_process(extra_id)
         await asyncio.sleep(extra_for_s)
         await asyncio.to_thread(pipeline.processes.stop, extra, 30.0)
         return {"extra_worker": extra_id}
@@ -638,6 +640,12 @@ async def stop_without_broker(run_dir: Path, stop_timeout_s: float = 10.0,
 
 # ---- bad input ----------------------------------------------------------------------------
 
+class _AttemptIds(TypedDict):
+    attempt_id: str
+    job_id: str
+    job_key: str
+
+
 def valid_event_payloads() -> dict[str, dict[str, Any]]:
     """Build one valid event of each type a consumer reads, as JSON-ready dicts by type."""
     from schemas.events import (
@@ -650,6 +658,8 @@ def valid_event_payloads() -> dict[str, dict[str, Any]]:
         AttemptStatus,
         ClaimDecision,
         DeliveryAck,
+        Event,
+        JobStatus,
         JobSweep,
         ResultScored,
         SlotResult,
@@ -661,9 +671,9 @@ def valid_event_payloads() -> dict[str, dict[str, Any]]:
     request = JobRequested(tenant_id="tenant", user_id="user", slots=2,
                            params=GenerationParams(model="M0001", prompt="a floor plan",
                                                    steps=4))
-    ids = {"attempt_id": "a1", "job_id": request.job_id, "job_key": request.job_key}
+    ids = _AttemptIds(attempt_id="a1", job_id=request.job_id, job_key=request.job_key)
     uri = "file:///tmp/slotforge-artifacts/job/a1.png"
-    events = [
+    events: list[Event] = [
         request,
         AttemptDispatched(**ids, tenant_id="tenant", slot=0, attempt_no=1,
                           params=request.params, seed=7, tier=Tier.STANDARD,
@@ -681,7 +691,7 @@ def valid_event_payloads() -> dict[str, dict[str, Any]]:
                     delivered=True),
         WorkerStatus(worker_id="w1", slots=2, busy=1),
         JobCompleted(job_id=request.job_id, job_key=request.job_key, tenant_id="tenant",
-                     user_id="user", status="completed", requested_slots=1,
+                     user_id="user", status=JobStatus.COMPLETED, requested_slots=1,
                      slots=[SlotResult(slot=0, attempt_id="a1", artifact_uri=uri, score=0.9)],
                      attempts=1, tier=Tier.STANDARD, requested_at=utc_now()),
     ]

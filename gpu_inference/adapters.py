@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 ADAPTER_FILE = "adapter.safetensors"
 # Module types whose weights an adapter may update.
 ADAPTABLE = (torch.nn.Linear, torch.nn.Conv2d)
+AdaptableModule = torch.nn.Linear | torch.nn.Conv2d
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def load_adapter(adapter_dir: Path, adapter_id: str) -> LoraAdapter:
     return LoraAdapter(adapter_id, layers)
 
 
-def _adaptable_modules(pipe: Any) -> Iterator[tuple[str, torch.nn.Module]]:
+def _adaptable_modules(pipe: Any) -> Iterator[tuple[str, AdaptableModule]]:
     """Yield ``<component>.<module path>`` and module for every Linear and Conv2d layer."""
     components = getattr(pipe, "components", None)
     parts = components.items() if isinstance(components, dict) else [("", pipe)]
@@ -161,7 +162,7 @@ def save_adapter(adapter: LoraAdapter, adapter_dir: Path) -> Path:
     return path
 
 
-def _check_fits(adapter: LoraAdapter, modules: dict[str, torch.nn.Module]) -> None:
+def _check_fits(adapter: LoraAdapter, modules: dict[str, AdaptableModule]) -> None:
     """Raise PermanentError unless every layer of the adapter matches a module's weight."""
     for name in sorted(adapter.layers):
         module = modules.get(name)

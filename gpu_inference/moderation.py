@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TypedDict
 
 import aiohttp
 
@@ -19,6 +20,13 @@ from schemas.events import AttemptFinished
 logger = logging.getLogger(__name__)
 
 _MAX_BODY_CHARS = 300
+
+
+class _AttemptIds(TypedDict):
+    """Ids that every error raised here carries for the logs."""
+
+    attempt_id: str
+    job_id: str
 
 
 @dataclass(frozen=True)
@@ -34,7 +42,7 @@ async def moderate(session: aiohttp.ClientSession, url: str, finished: AttemptFi
     The ``Idempotency-Key`` names the attempt and epoch, so the API can return its earlier
     verdict for a retried request.
     """
-    ids = {"attempt_id": finished.attempt_id, "job_id": finished.job_id}
+    ids = _AttemptIds(attempt_id=finished.attempt_id, job_id=finished.job_id)
     headers = {"Content-Type": "image/png",
                "Idempotency-Key": f"{finished.attempt_id}:{finished.epoch}"}
     try:

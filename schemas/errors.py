@@ -32,7 +32,8 @@ class EventDecodeError(SlotforgeError):
     retriable = False
 
     def __init__(self, reason: str, *, error_type: str, **ids: object) -> None:
-        super().__init__(reason, **ids)
+        # Retrying cannot change a record's bytes, so a decode error is never retriable.
+        super().__init__(reason, retriable=False, **ids)
         self.reason = reason
         self.error_type = error_type
 

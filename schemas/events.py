@@ -12,7 +12,7 @@ import unicodedata
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     AwareDatetime,
@@ -26,7 +26,8 @@ from pydantic import (
 
 from schemas.errors import EventDecodeError
 
-SCHEMA_VERSION = 1
+# Final keeps the literal type, so the Literal[1] field below accepts it as its default.
+SCHEMA_VERSION: Final = 1
 
 # Bounds that reject absurd requests before they reach a GPU.
 MAX_PROMPT_CHARS = 4_000
@@ -308,13 +309,19 @@ class JobRejected(_Event):
     requested_at: AwareDatetime | None = None
 
 
+# The action a sweep requests of the job's partition owner. It ends a job past its deadline,
+# removes expired jobs from the flights table, reclaims an attempt's lease, or times out a
+# hung or too slow attempt.
+SweepAction = Literal["deadline", "expire", "lease", "hung", "too_slow"]
+
+
 class JobSweep(_Event):
     """A coordinator timer asks the job's partition owner to end or forget the job."""
 
     event_type: Literal["job.sweep"] = "job.sweep"
     job_id: str = Field(min_length=1, max_length=64)
     job_key: str = Field(min_length=1, max_length=200)
-    action: Literal["deadline", "expire", "lease", "hung", "too_slow"]
+    action: SweepAction
     attempt_id: str | None = Field(default=None, max_length=64)
     epoch: int | None = Field(default=None, ge=1)
     reason: str = Field(default="", max_length=500)

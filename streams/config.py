@@ -139,6 +139,13 @@ class SimulationSettings(BaseModel):
     crash_fraction: float = Field(default=0.0, ge=0, le=1)
 
 
+TierName = Literal["interactive", "standard", "batch"]
+
+
+def _default_tier_weights() -> dict[TierName, float]:
+    return {"interactive": 6.0, "standard": 3.0, "batch": 1.0}
+
+
 class WorkerSettings(BaseModel):
     group_id: str = "slotforge-gpu"
     worker_id: str | None = None
@@ -187,8 +194,7 @@ class WorkerSettings(BaseModel):
     # Seconds a queued tier may go unserved under strict priority before it gets a fetch.
     tier_aging_s: float = Field(default=10.0, gt=0)
     # Shares of the weighted policy, by tier name.
-    tier_weights: dict[Literal["interactive", "standard", "batch"], float] = Field(
-        default_factory=lambda: {"interactive": 6.0, "standard": 3.0, "batch": 1.0})
+    tier_weights: dict[TierName, float] = Field(default_factory=_default_tier_weights)
     # Attempts fetched and claimed beyond the slots while all of them are busy, so a freed
     # slot starts at once. The claim's lease runs while the attempt waits for a slot.
     claim_ahead: int = Field(default=1, ge=0, le=64)
@@ -241,13 +247,20 @@ class PostprocessSettings(BaseModel):
     moderation_timeout_s: float = Field(default=10.0, gt=0)
 
 
+CriticalConsumer = Literal["delivery", "webhook"]
+
+
+def _default_critical_consumers() -> list[CriticalConsumer]:
+    return ["delivery"]
+
+
 class ConsumerSettings(BaseModel):
     critical_group_id: str = "slotforge-delivery"
     best_effort_group_id: str = "slotforge-thumbnails"
     webhook_group_id: str = "slotforge-webhook"
     thumbnail_px: int = Field(default=16, ge=4, le=1024)
     # Critical consumers whose acknowledgements gate a job's delivered state.
-    critical: list[Literal["delivery", "webhook"]] = Field(default_factory=lambda: ["delivery"])
+    critical: list[CriticalConsumer] = Field(default_factory=_default_critical_consumers)
     webhook_url: str | None = None
     webhook_timeout_s: float = Field(default=10.0, gt=0)
     # Attempts per delivery, with exponential backoff and jitter between them.

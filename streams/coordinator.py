@@ -18,7 +18,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -44,6 +44,7 @@ from schemas.events import (
     JobRequested,
     JobSweep,
     ResultScored,
+    SweepAction,
     Tier,
     WorkerStatus,
     decode_event,
@@ -103,9 +104,9 @@ def _utc_now() -> datetime:
 
 def _headers_of(event: EventT) -> Headers:
     headers = event.message.headers or []
-    if isinstance(headers, dict):
-        headers = list(headers.items())
-    return [(key, value) for key, value in headers if isinstance(value, bytes)]
+    # faust types headers as a list of (name, value) pairs or as a mapping of name to value.
+    pairs = list(headers.items()) if isinstance(headers, Mapping) else headers
+    return [(key, value) for key, value in pairs if isinstance(value, bytes)]
 
 
 def _faust_credentials(settings: Settings) -> dict[str, Any]:
@@ -598,9 +599,10 @@ class Coordinator:
             self._observe_acceptance(flight, message)
             decision = flight.on_scored(message, now, self.limits, pool)
         else:
-            decision = self._on_sweep(flight, message, now, pool)
-            if decision is None:
+            swept = self._on_sweep(flight, message, now, pool)
+            if swept is None:
                 return
+            decision = swept
         self._store(flight)
         await self._publish(flight, decision)
 
@@ -959,7 +961,7 @@ class Coordinator:
         self._replanned_at = {key: at for key, at in self._replanned_at.items()
                               if at >= horizon_s}
         for watched, verdict in self.liveness.due():
-            action = "hung" if verdict.action == "kill_hung" else "too_slow"
+            action: SweepAction = "hung" if verdict.action == "kill_hung" else "too_slow"
             sweep = JobSweep(job_id=watched.job_id, job_key=watched.job_key, action=action,
                              attempt_id=watched.observation.attempt_id, epoch=watched.epoch,
                              reason=verdict.reason[:500])

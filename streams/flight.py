@@ -439,7 +439,8 @@ class FlightState(BaseModel):
             record.artifact_uri = event.artifact_uri
             return Decision()
 
-        outcome = "cancelled" if event.status == AttemptStatus.CANCELLED else "failed"
+        outcome: AttemptPhase = (
+            "cancelled" if event.status == AttemptStatus.CANCELLED else "failed")
         record.error = event.error
         job = self.jobs.get(record.job_id)
         if outcome == "failed" and limits.max_retries_per_attempt > 0 and job is not None \
@@ -625,10 +626,10 @@ class FlightState(BaseModel):
             backpressure=pool.backpressure,
         ))
         for _ in range(race.total):
-            job = next((job for job in self.running_jobs() if job.budget_left), None)
-            if job is None:
+            funded = next((job for job in self.running_jobs() if job.budget_left), None)
+            if funded is None:
                 break
-            decision.dispatch.append(self._new_attempt(job, now))
+            decision.dispatch.append(self._new_attempt(funded, now))
         return decision
 
     def _replace_stragglers(self, pool: PoolView) -> list[AttemptCancel]:
