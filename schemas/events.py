@@ -340,8 +340,6 @@ class WorkerStatus(_Event):
     # Partitions of ``attempts.<tier>`` assigned to this worker, by tier. The coordinator
     # routes an attempt to the worker through them. Empty before the first assignment.
     partitions: dict[Tier, list[int]] = Field(default_factory=dict)
-    # Partitions of ``attempts.<tier>.followup`` assigned to this worker, by tier.
-    followup_partitions: dict[Tier, list[int]] = Field(default_factory=dict)
 
 
 class DeadLetter(_Event):

@@ -798,15 +798,16 @@ class Coordinator:
         return extract_context([("traceparent", job.traceparent.encode())])
 
     def _affinity_partition(self, attempt: AttemptDispatched) -> tuple[str, int] | None:
-        """Return the worker and partition of the attempt's topic: the worker that affinity
-        picks or, with no worker free, the one with the shortest queue. None lets the default
+        """Worker and partition of the attempt's tier topic: the worker that affinity picks
+        or, with no worker free, the one with the shortest queue. None lets the default
         partitioner choose.
 
         Re-dispatches (epoch above 1) keep the default partitioner, so an attempt that hung on
-        a worker with its model warm is not sent straight back to it. Follow-ups go to the
-        follow-up topic's partitions of the chosen worker.
+        a worker with its model warm is not sent straight back to it.
         """
-        if not self.settings.coordinator.affinity_routing or attempt.epoch > 1:
+        # NOTE: follow-ups are not routed: their topic's partitions are owned independently
+        # of the first-attempt topic's, and workers report only the latter.
+        if not self.settings.coordinator.affinity_routing or attempt.followup:
             return None
         views: list[WorkerView] = []
         owned: dict[str, list[int]] = {}
@@ -816,8 +817,7 @@ class Coordinator:
             self._routed_at[status.worker_id] = routed
             views.append(WorkerView(status.worker_id, status.slots - status.busy - len(routed),
                                     frozenset(status.warm_models)))
-            reported = status.followup_partitions if attempt.followup else status.partitions
-            owned[status.worker_id] = reported.get(attempt.tier, [])
+            owned[status.worker_id] = status.partitions.get(attempt.tier, [])
         record_key = f"{attempt.attempt_id}:{attempt.epoch}"
         routed_to = route_partition(views, owned, attempt.params.model, attempt.params.loras,
                                     record_key)
