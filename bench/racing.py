@@ -627,9 +627,10 @@ def _simulated_section(simulated: dict[str, Any]) -> list[str]:
         f"{config['score_delay_s']:g} s from a finished attempt to its verdict, "
         f"{config['cancel_delay_s']:g} s from a cancel to the freed slot. The coordinator "
         f"looks at running attempts every {config['check_interval_s']:g} s and sees the "
-        "step of each attempt's latest progress report: step 1, then at most one every "
-        f"{config.get('progress_min_interval_s', 0):g} s, plus one as soon as a straggler "
-        "projects past its threshold, as the workers report. "
+        "step of each attempt's latest progress report. As the workers do, an attempt "
+        "reports step 1, then at most once every "
+        f"{config.get('progress_min_interval_s', 0):g} s, and once more as soon as it "
+        "projects past its straggler threshold. "
         "These delays are estimates, so compare policies within one load. The p99 range "
         "lists the p99 of each of five groups of replicates; GPU time counts every "
         "attempt's seconds on a slot, cancelled ones included.",

@@ -43,12 +43,12 @@ from schemas.events import (
 from streams.config import SimulationSettings
 from streams.flight import Decision, FlightLimits, FlightState, PoolView
 from streams.racing import (
-    STRAGGLER_FACTOR,
     STRAGGLER_MIN_STEPS,
     AcceptanceEstimator,
     AttemptRun,
     RacingPolicy,
     ServiceTimes,
+    straggler_threshold_s,
 )
 from streams.trace_replay import TraceRequest, compress, to_job_request
 
@@ -260,9 +260,9 @@ class RacingSimulation:
         for dispatch in decision.dispatch:
             service_s, accepted, _, _ = self.runner._draw(dispatch.seed)  # noqa: SLF001
             score = random.Random(dispatch.seed).random() / 2 + (0.5 if accepted else 0.0)
-            typical_s = self.service_times.median_s("sim")
-            threshold_s = (STRAGGLER_FACTOR * typical_s if typical_s
-                           and self.limits.policy is RacingPolicy.ADAPTIVE else None)
+            threshold_s = None
+            if self.limits.policy is RacingPolicy.ADAPTIVE:
+                threshold_s = straggler_threshold_s(self.service_times.median_s("sim"))
             attempt = _Attempt(dispatch.attempt_id, dispatch.epoch, flight.job_key,
                                dispatch.job_id, dispatch.seed, service_s, accepted, score,
                                dispatch.params.steps, dispatch.followup, threshold_s)

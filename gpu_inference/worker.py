@@ -706,7 +706,8 @@ class GpuWorker:
                     AttemptRun(now_s - first[1], step - first[0], total - first[0]),
                     straggler_s):
                 # Reported once, so the coordinator can replace it without waiting.
-                due, straggler_s = True, None
+                due = True
+                straggler_s = None
             if due or step == total:
                 last_sent_s = now_s
                 first = first or (step, now_s)

@@ -82,7 +82,12 @@ from streams.metrics import (
     start_metrics_server,
 )
 from streams.pool import PoolMonitor, RunningAttempts
-from streams.racing import STRAGGLER_FACTOR, AcceptanceEstimator, RacingPolicy, ServiceTimes
+from streams.racing import (
+    AcceptanceEstimator,
+    RacingPolicy,
+    ServiceTimes,
+    straggler_threshold_s,
+)
 from streams.retry import BackoffPolicy, retry_headers, retry_level
 from streams.service import start_exit_watchdog
 from streams.step_times import StepClass
@@ -613,17 +618,20 @@ class Coordinator:
         return self.running.is_straggler(progress.attempt_id, self.service_times)
 
     def _replan_due(self, job_key: str) -> bool:
-        """Whether a heartbeat should let its flight race into the pool's idle slots.
+        """Decide whether a heartbeat should let its flight race into the pool's idle slots.
 
-        Slots free up as other jobs' attempts end, and only heartbeats reach a flight
-        between its own results, so the adaptive policy looks again at most once per
-        ``replan_interval_s`` while the pool has idle slots.
+        Slots free up as other jobs' attempts end, and between its own results a flight
+        sees only heartbeats. So the adaptive policy looks again at most once per
+        ``replan_interval_s``, and only while the pool has idle slots.
         """
-        if self.limits.policy is not RacingPolicy.ADAPTIVE or self.pool.idle_slots() <= 0:
+        if self.limits.policy is not RacingPolicy.ADAPTIVE:
             return False
         now_s = time.monotonic()
         last_s = self._replanned_at.get(job_key)
         if last_s is not None and now_s - last_s < self.settings.coordinator.replan_interval_s:
+            return False
+        # Checked after the interval, because heartbeats are the most frequent events.
+        if self.pool.idle_slots() <= 0:
             return False
         self._replanned_at[job_key] = now_s
         return True
@@ -837,10 +845,10 @@ class Coordinator:
 
     async def _send_attempt(self, flight: FlightState, attempt: AttemptDispatched) -> None:
         topic = self._attempt_topic(attempt)
-        typical_s = self.service_times.median_s(class_of(flight.params))
-        if self.limits.policy is RacingPolicy.ADAPTIVE and typical_s:
-            attempt = attempt.model_copy(
-                update={"straggler_remaining_s": STRAGGLER_FACTOR * typical_s})
+        threshold_s = straggler_threshold_s(
+            self.service_times.median_s(class_of(flight.params)))
+        if self.limits.policy is RacingPolicy.ADAPTIVE and threshold_s is not None:
+            attempt = attempt.model_copy(update={"straggler_remaining_s": threshold_s})
         routed_to = self._affinity_partition(attempt)
         worker_id: str | None = None
         partition: int | None = None

@@ -131,11 +131,22 @@ def stragglers(runs: Mapping[str, AttemptRun], typical_service_s: float | None,
     its first steps predicts its total time. One whose remaining time exceeds ``factor``
     typical service times costs more GPU time and latency than starting over.
     """
-    if typical_service_s is None or typical_service_s <= 0:
+    threshold_s = straggler_threshold_s(typical_service_s, factor)
+    if threshold_s is None:
         return []
-    threshold_s = factor * typical_service_s
     return [attempt_id for attempt_id, run in runs.items()
             if is_straggling(run, threshold_s, min_steps)]
+
+
+def straggler_threshold_s(typical_service_s: float | None,
+                          factor: float = STRAGGLER_FACTOR) -> float | None:
+    """Return the projected remaining time past which an attempt is a straggler.
+
+    None while the class has no typical service time yet, so no attempt is judged.
+    """
+    if typical_service_s is None or typical_service_s <= 0:
+        return None
+    return factor * typical_service_s
 
 
 def is_straggling(run: AttemptRun, threshold_s: float,
@@ -197,10 +208,14 @@ class ServiceTimes:
         self.window = window
         self.min_samples = min_samples
         self._seen: dict[str, collections.deque[float]] = {}
+        # Medians since each class's latest observation: the coordinator reads them for
+        # every event and dispatch, far more often than attempts finish.
+        self._medians: dict[str, float] = {}
 
     def observe(self, parameter_class: str, service_s: float) -> None:
         seen = self._seen.setdefault(parameter_class, collections.deque(maxlen=self.window))
         seen.append(service_s)
+        self._medians.pop(parameter_class, None)
 
     def median_s(self, parameter_class: str) -> float | None:
         """Return the median service time, or None until enough attempts finished."""
@@ -209,4 +224,7 @@ class ServiceTimes:
         seen = self._seen.get(parameter_class)
         if seen is None or len(seen) < self.min_samples:
             return None
-        return statistics.median(seen)
+        median = self._medians.get(parameter_class)
+        if median is None:
+            median = self._medians[parameter_class] = statistics.median(seen)
+        return median

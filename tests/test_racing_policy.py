@@ -11,6 +11,7 @@ from streams.racing import (
     RacingPolicy,
     ServiceTimes,
     attempts_to_launch,
+    straggler_threshold_s,
     stragglers,
     worth_finishing,
 )
@@ -71,6 +72,13 @@ def test_stragglers_need_typical_time() -> None:
 
     assert stragglers(runs, typical_service_s=None) == []
     assert stragglers(runs, typical_service_s=0.0) == []
+
+
+def test_straggler_threshold_needs_typical_time() -> None:
+    assert straggler_threshold_s(0.3) == 0.6
+    assert straggler_threshold_s(0.3, factor=3.0) == 0.3 * 3.0
+    assert straggler_threshold_s(None) is None
+    assert straggler_threshold_s(0.0) is None
 
 
 def test_service_times_median_after_samples() -> None:
