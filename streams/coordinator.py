@@ -621,7 +621,7 @@ class Coordinator:
         """Decide whether a heartbeat should let its flight race into the pool's idle slots.
 
         Slots free up as other jobs' attempts end, and between its own results a flight
-        sees only heartbeats. So the adaptive policy looks again at most once per
+        receives only heartbeats. So the adaptive policy looks again at most once per
         ``replan_interval_s``, and only while the pool has idle slots.
         """
         if self.limits.policy is not RacingPolicy.ADAPTIVE:
