@@ -34,7 +34,6 @@ from bench.pipeline_run import (
     JobOutcome,
     PipelineRun,
     PoolSpec,
-    exit_on_sigterm,
     fresh_prefix,
     kafka_broker_version,
     machine_description,
@@ -135,7 +134,6 @@ class OverheadConfig:
 def run(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Measure the maximum rate, then the hop latencies at a fraction of it; write the JSON."""
     config = OverheadConfig.from_args(args)
-    exit_on_sigterm()
     started = time.monotonic()
     shutil.rmtree(config.work_dir / "runs", ignore_errors=True)
     run_dir = config.work_dir / "runs" / "overhead"

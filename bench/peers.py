@@ -35,7 +35,6 @@ from bench.pipeline_run import (
     JobOutcome,
     PipelineRun,
     PoolSpec,
-    exit_on_sigterm,
     fresh_prefix,
     kafka_broker_version,
     machine_description,
@@ -220,7 +219,6 @@ RETRY_BACKOFF_MAX_S = 1.6
 def run(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Run each scenario through slotforge and Celery, then write the results JSON."""
     config = PeersConfig.from_args(args)
-    exit_on_sigterm()
     started = time.monotonic()
     window = densest_window(load_trace(config.trace), config.jobs)
     window_s = (config.jobs - 1) / (config.load * config.capacity_jobs_per_s)

@@ -118,8 +118,16 @@ def run_settings(bootstrap_servers: str, prefix: str, pool: PoolSpec, run_dir: P
 
 
 def exit_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit, so a suite stops every process it started on the way out."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    """Turn SIGTERM into SystemExit, so a suite stops every process it started on the way out.
+
+    Later SIGTERMs are ignored: one arriving during that cleanup would cut it short and leave
+    the broker and the pipeline's processes running.
+    """
+    def leave(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)
 
 
 def fresh_prefix(tag: str) -> str:

@@ -86,7 +86,11 @@ def _cmd_broker(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from bench.pipeline_run import exit_on_sigterm
+
     module = importlib.import_module(f"bench.{args.suite}")
+    # Every suite starts a broker or services, so SIGTERM must let it stop them.
+    exit_on_sigterm()
     results = module.run(args.out, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

@@ -29,8 +29,12 @@ SERVICES = {
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C, so the same cleanup runs for both."""
+    """Treat SIGTERM like Ctrl-C, so the same cleanup runs for both.
+
+    Later SIGTERMs are ignored, so a repeated one cannot cut that cleanup short.
+    """
     def raise_interrupt(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, raise_interrupt)

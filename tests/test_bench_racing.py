@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
+import subprocess
+import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import psutil
 import pytest
 
 from bench import racing
@@ -300,3 +306,40 @@ def test_racing_suite_smoke(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
     assert "## Racing" in page
     assert "| 1.5 | adaptive |" in page
     assert "### Racing, simulated" in page
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_sigterm_stops_suite_processes(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "streams.cli", "bench", "racing",
+               "--jobs", "40", "--loads", "0.5", "--cache-requests", "2",
+               "--sim-replicates", "1", "--work-dir", str(tmp_path / "work"),
+               "--bootstrap-servers", kafka_broker.bootstrap_servers,
+               "--out", str(tmp_path / "racing.json")]
+    suite = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list[psutil.Process] = []
+    alive: list[psutil.Process] = []
+    try:
+        parent = psutil.Process(suite.pid)
+        deadline = time.monotonic() + 120.0
+        # The signal must land in the middle of a run, once its services are up.
+        while len(parent.children(recursive=True)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        children = parent.children(recursive=True)
+        assert len(children) >= 4, "the suite never started its services"
+
+        suite.send_signal(signal.SIGTERM)
+        suite.wait(timeout=120.0)
+        _, alive = psutil.wait_procs(children, timeout=30.0)
+    finally:
+        if suite.poll() is None:
+            suite.kill()
+            suite.wait()
+        # A failing run must not leave services behind for the rest of the session.
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+
+    assert suite.returncode == 128 + signal.SIGTERM
+    assert alive == []
+    assert not (tmp_path / "racing.json").exists()
