@@ -47,14 +47,42 @@ def manifest_path(delivery_dir: Path, job_id: str) -> Path:
     return delivery_dir / f"{job_id}.json"
 
 
+class JobIdConflictError(PermanentError):
+    """A manifest with the job id exists, but another tenant's or request's job wrote it."""
+
+
+def _check_same_job(path: Path, completed: JobCompleted) -> None:
+    """Raise JobIdConflictError unless the manifest at ``path`` belongs to ``completed``'s job.
+
+    Clients choose job ids, so two tenants, or two different requests, may use one id.
+    Manifests written before the cache key was stored are compared by tenant only.
+    """
+    manifest = json.loads(path.read_text())
+    owner = (manifest.get("tenant_id"), manifest.get("job_key", completed.job_key))
+    if owner != (completed.tenant_id, completed.job_key):
+        raise JobIdConflictError(
+            f"job id {completed.job_id} is already delivered for tenant {owner[0]}, key "
+            f"{owner[1]}; the completion of tenant {completed.tenant_id}, key "
+            f"{completed.job_key} is not delivered. Give each job a unique id",
+            job_id=completed.job_id,
+        )
+
+
 def write_manifest(delivery_dir: Path, completed: JobCompleted) -> bool:
-    """Write the job's manifest; returns False when it was already delivered."""
+    """Write the job's manifest; returns False when it was already delivered.
+
+    Raises:
+        PermanentError: the job id is not usable as a file name, or its manifest belongs
+            to another job (JobIdConflictError).
+    """
     path = manifest_path(delivery_dir, completed.job_id)
     if path.exists():
+        _check_same_job(path, completed)
         return False
     delivery_dir.mkdir(parents=True, exist_ok=True)
     manifest = {
         "job_id": completed.job_id,
+        "job_key": completed.job_key,
         "tenant_id": completed.tenant_id,
         "user_id": completed.user_id,
         "status": completed.status.value,
@@ -79,7 +107,17 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
 
     async def handle(completed: JobCompleted, record: ConsumerRecord[bytes, bytes],
                      span: Span, producer: AIOKafkaProducer) -> None:
-        written = await asyncio.to_thread(write_manifest, delivery_dir, completed)
+        try:
+            written = await asyncio.to_thread(write_manifest, delivery_dir, completed)
+        except PermanentError as err:
+            # The coordinator waits for an acknowledgement from every critical consumer, so a
+            # job that cannot be delivered is acknowledged as failed instead of never.
+            span.set_attribute("error.type", type(err).__name__)
+            logger.error("Failed to deliver job %s of tenant %s: %s", completed.job_id,
+                         completed.tenant_id, err)
+            await send_ack(producer, settings, completed, SERVICE_NAME, delivered=False,
+                           reason=str(err))
+            return
         span.set_attribute("slotforge.delivery.duplicate", not written)
         if written:
             logger.info("Delivered job %s (%s)", completed.job_id, completed.status.value)

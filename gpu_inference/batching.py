@@ -126,7 +126,15 @@ class Batcher(Generic[Item, Outcome]):
                 future.set_result(outcome)
 
         def done(index: int, outcome: Outcome) -> None:
-            loop.call_soon_threadsafe(resolve, index, outcome)
+            try:
+                loop.call_soon_threadsafe(resolve, index, outcome)
+            except RuntimeError:
+                # A second stop signal cancels the service and closes its loop while the
+                # pipeline thread may still end a step, and then no caller waits for it.
+                if not loop.is_closed():
+                    raise
+                logger.debug("Dropped the outcome of batch item %d: the event loop is closed",
+                             index)
 
         try:
             outcomes = await self.run_batch(items, done)

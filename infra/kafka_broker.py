@@ -271,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=Path(".local") / "kafka" / "broker")
     parser.add_argument("--port", type=int, default=9092, help="client port on 127.0.0.1")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # force=True because `slotforge broker` arrives here after the CLI configured logging at
+    # WARNING, which would hide the ready and stopped lines.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        force=True)
 
     if args.command == "fetch":
         fetch_jars()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import unicodedata
 import uuid
 from datetime import UTC, datetime
@@ -36,6 +37,12 @@ MAX_STEPS = 500
 MIN_SIDE_PX = 8
 MAX_SIDE_PX = 2_048
 MAX_RECORD_BYTES = 1_000_000
+# A job id names the job's artifact folder and manifest file, and starts each attempt id
+# ``<job id>-<n>``, which AttemptDispatched caps at 64 characters. 56 leaves 7 digits for n.
+# NOTE: n counts the attempts of every job of one cache key, so a key past 9,999,999 attempts
+# within its retention would still overflow the attempt id.
+MAX_JOB_ID_CHARS = 56
+_JOB_ID_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def utc_now() -> datetime:
@@ -133,7 +140,7 @@ class JobRequested(_Event):
     """A client asks for ``slots`` accepted generations for one prompt."""
 
     event_type: Literal["job.requested"] = "job.requested"
-    job_id: str = Field(default_factory=new_id, min_length=1, max_length=64)
+    job_id: str = Field(default_factory=new_id, min_length=1, max_length=MAX_JOB_ID_CHARS)
     tenant_id: str = Field(min_length=1, max_length=128)
     user_id: str = Field(min_length=1, max_length=128)
     params: GenerationParams
@@ -144,6 +151,16 @@ class JobRequested(_Event):
     deadline_s: float = Field(default=600.0, gt=0, le=86_400)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     requested_at: AwareDatetime = Field(default_factory=utc_now)
+
+    @field_validator("job_id")
+    @classmethod
+    def _check_job_id(cls, job_id: str) -> str:
+        if not _JOB_ID_CHARS.fullmatch(job_id) or ".." in job_id:
+            raise ValueError(
+                f"invalid job id {job_id!r}: use letters, digits, '.', '_' and '-', starting "
+                "with a letter or digit and without '..'"
+            )
+        return job_id
 
     @property
     def job_key(self) -> str:

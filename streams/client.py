@@ -60,6 +60,9 @@ class SlotforgeClient:
         self._producer: AIOKafkaProducer = make_producer(settings)
         self._consumer: AIOKafkaConsumer = make_consumer(settings, group_id=None)
         self._waiters: dict[str, asyncio.Future[JobCompleted]] = {}
+        # Tenant and cache key of each awaited job. Clients choose job ids, so another
+        # tenant's job may carry the same id, and its outcome must not resolve this one.
+        self._owners: dict[str, tuple[str, str]] = {}
         self._listener: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
@@ -108,6 +111,7 @@ class SlotforgeClient:
         if self._listener is not None and self._listener.done():
             raise SlotforgeError("the client's outcome listener stopped; restart the client")
         self._waiters.setdefault(request.job_id, asyncio.get_running_loop().create_future())
+        self._owners.setdefault(request.job_id, (request.tenant_id, request.job_key))
         headers: list[tuple[str, bytes]] = []
         if self.tracer is not None:
             with stage_span(
@@ -149,6 +153,7 @@ class SlotforgeClient:
         finally:
             if waiter.done():
                 self._waiters.pop(job_id, None)
+                self._owners.pop(job_id, None)
 
     async def run(self, request: JobRequested, timeout_s: float | None = None) -> JobCompleted:
         """Submit a job and wait for its outcome."""
@@ -173,6 +178,15 @@ class SlotforgeClient:
             return
         waiter = self._waiters.get(outcome.job_id)
         if waiter is None or waiter.done():
+            return
+        tenant_id, job_key = self._owners[outcome.job_id]
+        if outcome.tenant_id != tenant_id or (
+                isinstance(outcome, JobCompleted) and outcome.job_key != job_key):
+            logger.warning(
+                "Ignoring %s of job %s at %s offset %d: it belongs to tenant %s, key %s, not "
+                "to the job this client submitted (tenant %s, key %s)", outcome.event_type,
+                outcome.job_id, topic, offset, outcome.tenant_id,
+                getattr(outcome, "job_key", "(none)"), tenant_id, job_key)
             return
         if isinstance(outcome, JobRejected):
             waiter.set_exception(JobRejectedError(outcome))

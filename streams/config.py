@@ -5,17 +5,26 @@ Nested groups use a double underscore, for example ``SLOTFORGE_KAFKA__BOOTSTRAP_
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import ssl
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from schemas.errors import ConfigurationError
 from schemas.topics import TopicNames
 
 LOCAL_DIR = Path(".local")
+# The characters Kafka allows in a topic name.
+_TOPIC_CHARS = re.compile(r"[A-Za-z0-9._-]*")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Schemes of a span store DSN: embedded chDB, or a ClickHouse server over HTTP(S).
+CLICKHOUSE_SCHEMES = ("chdb", "http", "https")
 
 
 class KafkaSettings(BaseModel):
@@ -37,8 +46,26 @@ class KafkaSettings(BaseModel):
     # It also bounds how long a rebalance waits for members.
     max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
 
+    @field_validator("topic_prefix")
+    @classmethod
+    def _check_topic_prefix(cls, prefix: str) -> str:
+        if not _TOPIC_CHARS.fullmatch(prefix) or len(prefix) > 200:
+            raise ValueError(
+                f"invalid topic prefix {prefix[:100]!r}: Kafka topic names take only ASCII "
+                "letters, digits, '.', '_' and '-', and the prefix may have at most 200 "
+                "characters"
+            )
+        return prefix
+
     @model_validator(mode="after")
     def _check_security(self) -> KafkaSettings:
+        if self.sasl_mechanism and not self.security_protocol.startswith("SASL"):
+            raise ValueError(
+                f"SLOTFORGE_KAFKA__SASL_MECHANISM is {self.sasl_mechanism}, but "
+                f"security_protocol is {self.security_protocol}; set "
+                "SLOTFORGE_KAFKA__SECURITY_PROTOCOL to SASL_PLAINTEXT or SASL_SSL, or unset "
+                "the mechanism"
+            )
         if self.security_protocol.startswith("SASL"):
             if not self.sasl_mechanism:
                 raise ValueError(
@@ -277,6 +304,17 @@ class ClickHouseSettings(BaseModel):
     batch_rows: int = Field(default=5_000, ge=1)
     batch_wait_s: float = Field(default=1.0, gt=0)
 
+    @field_validator("dsn")
+    @classmethod
+    def _check_dsn(cls, dsn: str) -> str:
+        scheme = urlsplit(dsn).scheme
+        if scheme not in CLICKHOUSE_SCHEMES:
+            raise ValueError(
+                f"unsupported DSN scheme {scheme!r}; use chdb:///DIRECTORY for the embedded "
+                "store, or http(s)://USER:PASSWORD@HOST:PORT/DATABASE for a ClickHouse server"
+            )
+        return dsn
+
 
 class TracingSettings(BaseModel):
     enabled: bool = True
@@ -320,6 +358,13 @@ class Settings(BaseSettings):
     # its cleanup, for example when the broker is unreachable and every commit blocks.
     stop_timeout_s: float = Field(default=60.0, gt=0)
 
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, level: str) -> str:
+        if level.upper() not in LOG_LEVELS:
+            raise ValueError(f"unknown log level {level!r}; use one of {', '.join(LOG_LEVELS)}")
+        return level.upper()
+
     @property
     def topics(self) -> TopicNames:
         return self.kafka.topics
@@ -337,6 +382,46 @@ def load_settings(**overrides: Any) -> Settings:
             field = "__".join(str(part) for part in item["loc"]).upper()
             lines.append(f"SLOTFORGE_{field}: {item['msg']}")
         raise ConfigurationError("invalid settings: " + "; ".join(lines)) from err
+    except SettingsError as err:
+        # pydantic-settings decodes list and dict settings as JSON before validating them.
+        raise ConfigurationError(f"invalid settings: {_describe_json_error(err)}") from err
+
+
+def _describe_json_error(error: SettingsError) -> str:
+    """Name the variables whose value is not the JSON that a list or dict setting needs."""
+    names = sorted(
+        name.upper() for name, value in os.environ.items()
+        if name.upper().startswith("SLOTFORGE_") and _is_invalid_json(value)
+        and _is_json_setting(name.upper().removeprefix("SLOTFORGE_").lower().split("__"))
+    )
+    if not names:
+        return f"{error}: {error.__cause__}"
+    return "; ".join(
+        f"{name}: invalid JSON; list and dict settings take a JSON value, such as "
+        '["delivery"] or {"interactive": 6}' for name in names
+    )
+
+
+def _is_invalid_json(value: str) -> bool:
+    try:
+        json.loads(value)
+    except ValueError:
+        return True
+    return False
+
+
+def _is_json_setting(path: list[str]) -> bool:
+    """Return whether the setting at ``path`` is a list or dict, which is read as JSON."""
+    model: Any = Settings
+    for index, part in enumerate(path):
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return False
+        annotation = field.annotation
+        if index == len(path) - 1:
+            return getattr(annotation, "__origin__", annotation) in (list, dict)
+        model = annotation
+    return False
 
 
 def settings_to_env(settings: Settings) -> dict[str, str]:

@@ -189,3 +189,37 @@ async def test_batcher_releases_item_reported_early() -> None:
     assert not first.done()
     release.set()
     assert await first == "first"
+
+
+def test_batcher_drops_outcome_after_loop_closed() -> None:
+    started = threading.Event()
+    release = threading.Event()
+    reported = threading.Event()
+    errors: list[BaseException] = []
+
+    def generate(done: Any) -> None:
+        # Stands in for the pipeline thread, which outlives a cancelled service's loop.
+        started.set()
+        release.wait(10)
+        try:
+            done(0, "late")
+        except BaseException as err:  # noqa: BLE001 - the test reports any error
+            errors.append(err)
+        reported.set()
+
+    async def run_batch(items: list[str], done: Any) -> list[str]:
+        threading.Thread(target=generate, args=(done,), daemon=True).start()
+        await asyncio.Event().wait()
+        return ["unused"]
+
+    async def main() -> None:
+        batcher: Batcher[str, str] = Batcher(run_batch, max_batch_size=1, max_wait_s=0)
+        asyncio.get_running_loop().create_task(batcher.submit("k", "a"))
+        await asyncio.to_thread(started.wait, 5)
+
+    # asyncio.run cancels the batch still running and closes the loop, as a second signal does.
+    asyncio.run(main())
+    release.set()
+
+    assert reported.wait(5)
+    assert errors == []

@@ -66,3 +66,40 @@ def test_broker_run_stops_java_on_sigterm(tmp_path: Path) -> None:
             launcher.wait()
         if java_pid and _alive(java_pid):
             os.kill(java_pid, signal.SIGKILL)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_slotforge_broker_run_logs_ready(tmp_path: Path) -> None:
+    # The CLI reads the jars and writes the broker's data under the working directory.
+    libs = tmp_path / ".local" / "kafka" / "libs"
+    libs.parent.mkdir(parents=True)
+    libs.symlink_to(REPO_ROOT / ".local" / "kafka" / "libs")
+    log_path = tmp_path / "cli.log"
+    with log_path.open("wb") as log:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "broker", "run", "--port", str(free_port())],
+            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        )
+    java_pid = 0
+    try:
+        java_pid = int(_wait_for_line(log_path, r"Started Kafka broker pid (\d+)",
+                                      READY_TIMEOUT_S).group(1))
+        _wait_for_line(log_path, r"Broker ready on 127\.0\.0\.1:\d+", READY_TIMEOUT_S)
+
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=EXIT_TIMEOUT_S)
+
+        assert launcher.returncode == 0
+        assert f"Stopped Kafka broker pid {java_pid}" in log_path.read_text()
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        # Without the log line, the pid file is the only way to find the broker.
+        pid_file = tmp_path / ".local" / "kafka" / "broker" / "broker.pid"
+        if not java_pid and pid_file.exists():
+            java_pid = int(pid_file.read_text())
+        if java_pid and _alive(java_pid):
+            os.kill(java_pid, signal.SIGKILL)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from consumers.delivery import manifest_path
 from schemas.errors import EventDecodeError
 from schemas.events import (
     EVENT_TYPES,
+    MAX_JOB_ID_CHARS,
+    AttemptDispatched,
     AttemptFinished,
     AttemptStarted,
     GenerationParams,
@@ -18,6 +22,7 @@ from schemas.events import (
     encode_event,
 )
 from schemas.export import export_json_schemas
+from streams.coordinator import rejection_for
 
 
 def _request(**overrides: object) -> JobRequested:
@@ -93,6 +98,38 @@ def test_params_reject_out_of_range(field: str, value: object) -> None:
     with pytest.raises(EventDecodeError) as caught:
         decode_event(json.dumps(raw).encode(), JobRequested)
     assert caught.value.error_type in ("validation", "too_large")
+
+
+@pytest.mark.parametrize(
+    "job_id", ["../../etc/passwd", "a..b", ".hidden", "a/b", "é", "j" * (MAX_JOB_ID_CHARS + 1)],
+)
+def test_request_rejects_unusable_job_id(job_id: str) -> None:
+    raw = json.loads(encode_event(_request()))
+    raw["job_id"] = job_id
+
+    with pytest.raises(EventDecodeError) as caught:
+        decode_event(json.dumps(raw).encode(), JobRequested)
+
+    assert caught.value.error_type == "validation"
+    assert "job_id" in caught.value.reason
+    # The request names its job and tenant, so the client gets a rejection with the reason.
+    rejection = rejection_for(json.dumps(raw).encode(), caught.value)
+    assert rejection is not None
+    assert rejection.job_id == job_id
+
+
+def test_longest_job_id_fits_attempt_ids() -> None:
+    request = _request(job_id="j" * MAX_JOB_ID_CHARS)
+
+    # The coordinator names attempts <job id>-<n>; 9,999,999 is the largest n that fits.
+    dispatched = AttemptDispatched(
+        attempt_id=f"{request.job_id}-9999999", job_id=request.job_id, job_key=request.job_key,
+        tenant_id=request.tenant_id, slot=0, attempt_no=9_999_999, params=request.params,
+        seed=0, tier=request.tier, deadline_at=request.requested_at,
+    )
+
+    assert decode_event(encode_event(dispatched), AttemptDispatched) == dispatched
+    assert manifest_path(Path("deliveries"), request.job_id).name == f"{request.job_id}.json"
 
 
 def test_unknown_field_rejected() -> None:
