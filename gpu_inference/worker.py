@@ -248,6 +248,9 @@ class GpuWorker:
         # every slot is busy, so a freed slot starts the next attempt without waiting for
         # the fetch and the claim round trip.
         self._gpu_slots = asyncio.Semaphore(self.slots)
+        # Slots taken now. Status reports count these, as the coordinator counts the
+        # attempts that started and finished after a report.
+        self._generating = 0
         self.claim_ahead = settings.worker.claim_ahead
         self._tasks: set[asyncio.Task[None]] = set()
         # Attempts cancelled before this worker took them, oldest first, bounded.
@@ -370,11 +373,11 @@ class GpuWorker:
 
     async def _send_status(self, *, stopping: bool) -> None:
         ATTEMPTS_IN_FLIGHT.labels(self.group_id).set(len(self._running))
-        SLOT_UTILIZATION.labels(self.group_id).set(min(1.0, len(self._running) / self.slots))
+        SLOT_UTILIZATION.labels(self.group_id).set(min(1.0, self._generating / self.slots))
         warm = getattr(self.runner, "warm_models", None)
         status = WorkerStatus(
             worker_id=self.worker_id, slots=self.slots,
-            busy=min(self.slots, self._busy_slots()),
+            busy=min(self.slots, self._generating),
             warm_models=list(warm())[-MAX_WARM_REPORTED:] if callable(warm) else [],
             stopping=stopping,
             partitions={} if stopping else self._assigned_partitions(),
@@ -615,12 +618,14 @@ class GpuWorker:
         # slot is released once attempt.finished is queued in the producer, so the next
         # attempt's events follow it on the partition.
         await self._gpu_slots.acquire()
+        self._generating += 1
         released = False
 
         def release_slot() -> None:
             nonlocal released
             if not released:
                 released = True
+                self._generating -= 1
                 self._gpu_slots.release()
 
         try:

@@ -91,13 +91,22 @@ from streams.racing import (
 from streams.retry import BackoffPolicy, retry_headers, retry_level
 from streams.service import start_exit_watchdog
 from streams.step_times import StepClass
-from streams.tracing import Tracing, datetime_ns, extract_context, inject_headers, stage_span
+from streams.tracing import (
+    Tracing,
+    datetime_ns,
+    extract_context,
+    inject_headers,
+    stage_span,
+    traceparent_context,
+)
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "coordinator"
 # Seconds before the same cancellation is published again.
 CANCEL_REPEAT_S = 5.0
+# Parsed flights kept beside the table. Older ones are parsed again at their next event.
+PARSED_FLIGHTS_MAX = 20_000
 # JobRejected.reason's maximum length; longer validation summaries are cut to fit.
 MAX_REJECTION_REASON_CHARS = 2_000
 Headers = list[tuple[str, bytes]]
@@ -215,14 +224,14 @@ class Coordinator:
         # denoising step would flood the changelog. After a restart every lease gets a
         # fresh full term from the start time instead.
         self._renewals: dict[str, tuple[int, str, datetime]] = {}
+        # Each flight as last stored, beside the table value it was stored as: a flight gets
+        # several events per attempt, and each would otherwise parse the whole flight again.
+        self._parsed: dict[str, tuple[dict[str, Any], FlightState]] = {}
         self._started_at = _utc_now()
         self._sweeps_sent: set[tuple[str, str, str]] = set()
         self._cancels_sent: dict[tuple[str, int], float] = {}
         # Monotonic time of each flight's latest replan from a heartbeat.
         self._replanned_at: dict[str, float] = {}
-        # Wall-clock times of attempts routed to each worker, so the slots they take count as
-        # busy until a status report newer than the routing includes them.
-        self._routed_at: dict[str, list[float]] = {}
 
         self.app.agent(self.requests_topic, name="requests")(self._requests_agent)
         self.app.agent(self.events_topic, name="events")(self._events_agent)
@@ -398,11 +407,25 @@ class Coordinator:
     # ---- table access -----------------------------------------------------------------------
 
     def _load(self, job_key: str) -> FlightState | None:
+        """Return the flight of ``job_key``, parsed again only when its table value changed.
+
+        The parsed flight leaves the cache here, so a handler that changes it and then fails
+        or returns without storing it leaves no unstored change behind.
+        """
         raw = self.flights.get(job_key)
-        return FlightState.model_validate(raw) if raw is not None else None
+        cached = self._parsed.pop(job_key, None)
+        if raw is None:
+            return None
+        if cached is not None and cached[0] is raw:
+            return cached[1]
+        return FlightState.model_validate(raw)
 
     def _store(self, flight: FlightState) -> None:
-        self.flights[flight.job_key] = flight.model_dump(mode="json")
+        raw = flight.model_dump(mode="json")
+        self.flights[flight.job_key] = raw
+        self._parsed[flight.job_key] = (raw, flight)
+        if len(self._parsed) > PARSED_FLIGHTS_MAX:
+            del self._parsed[next(iter(self._parsed))]
 
     async def _dead_letter(self, event: EventT, error: EventDecodeError) -> None:
         message = event.message
@@ -574,6 +597,9 @@ class Coordinator:
             decision = flight.on_claim(message, now, self.limits)
         elif isinstance(message, AttemptStarted):
             decision = flight.on_started(message)
+            # A stale epoch's run still occupies the worker's slot, so it counts as busy.
+            self.pool.slot_taken(message.worker_id, message.attempt_id,
+                                 message.emitted_at.timestamp())
             self._watch(flight, message)
             self.running.started(message.attempt_id, class_of(flight.params))
         elif isinstance(message, AttemptFinished):
@@ -585,7 +611,9 @@ class Coordinator:
                             message.worker_id)
                 self._delete_artifact(message.artifact_uri, flight.job_key)
             decision = flight.on_finished(message, now, self.limits, pool)
-            self.pool.claimed(message.attempt_id)
+            self.pool.dequeued(message.attempt_id)
+            self.pool.slot_freed(message.worker_id, message.attempt_id,
+                                 message.emitted_at.timestamp())
             self.pool.finished(message.gpu_s)
             self.liveness.finished(message.attempt_id)
             self.running.ended(message.attempt_id)
@@ -767,7 +795,8 @@ class Coordinator:
             self._cancels_sent[marker] = now_s
             if len(self._cancels_sent) > 100_000:
                 self._cancels_sent.pop(next(iter(self._cancels_sent)))
-            self.pool.claimed(cancel.attempt_id)
+            # A running attempt keeps its slot until its finish arrives.
+            self.pool.dequeued(cancel.attempt_id)
             self.liveness.finished(cancel.attempt_id)
             self._renewals.pop(cancel.attempt_id, None)
             await self.control_topic.send(
@@ -789,12 +818,13 @@ class Coordinator:
                         f": {delivered.reason}" if delivered.reason else "")
 
     async def _send_claim_decision(self, claim: ClaimDecision) -> None:
-        self.pool.claimed(claim.attempt_id)
+        # A granted attempt waits at its worker until it starts there.
         if claim.granted:
             assert claim.lease_expires_at is not None
             self._renewals[claim.attempt_id] = (claim.epoch, claim.worker_id,
                                                 claim.lease_expires_at)
         else:
+            self.pool.dequeued(claim.attempt_id)
             logger.info("Denied claim of attempt %s (epoch %d) by %s: %s", claim.attempt_id,
                         claim.epoch, claim.worker_id, claim.reason)
         await self.control_topic.send(key=claim.worker_id.encode(), value=encode_event(claim))
@@ -803,7 +833,7 @@ class Coordinator:
         job = flight.jobs.get(job_id)
         if job is None or not job.traceparent:
             return None
-        return extract_context([("traceparent", job.traceparent.encode())])
+        return traceparent_context(job.traceparent)
 
     def _affinity_partition(self, attempt: AttemptDispatched) -> tuple[str, int] | None:
         """Worker and partition of the attempt's tier topic: the worker that affinity picks
@@ -819,22 +849,21 @@ class Coordinator:
             return None
         views: list[WorkerView] = []
         owned: dict[str, list[int]] = {}
+        # Attempts routed to a worker take its free slots until they start there.
+        queued = self.pool.queued_by_worker()
         for status in self.pool.live_workers():
-            reported_at = status.emitted_at.timestamp()
-            routed = [at for at in self._routed_at.get(status.worker_id, []) if at > reported_at]
-            self._routed_at[status.worker_id] = routed
-            views.append(WorkerView(status.worker_id, status.slots - status.busy - len(routed),
+            free = status.slots - self.pool.busy_of(status.worker_id)
+            views.append(WorkerView(status.worker_id, free - queued.get(status.worker_id, 0),
                                     frozenset(status.warm_models)))
             owned[status.worker_id] = status.partitions.get(attempt.tier, [])
         record_key = f"{attempt.attempt_id}:{attempt.epoch}"
         routed_to = route_partition(views, owned, attempt.params.model, attempt.params.loras,
                                     record_key)
         if routed_to is None:
-            routed_to = route_shortest_queue(owned, self.pool.queued_by_worker(), record_key)
+            routed_to = route_shortest_queue(owned, queued, record_key)
         if routed_to is None:
             return None
         worker_id, partition = routed_to
-        self._routed_at.setdefault(worker_id, []).append(time.time())
         logger.debug("Routing attempt %s (model %s) to worker %s, partition %d",
                      attempt.attempt_id, attempt.params.model, worker_id, partition)
         return routed_to
@@ -854,6 +883,8 @@ class Coordinator:
         partition: int | None = None
         if routed_to is not None:
             worker_id, partition = routed_to
+        # Counted before the send, so an attempt routed during the send counts this one.
+        self.pool.dispatched(attempt.attempt_id, attempt.tier, worker_id)
         with stage_span(
             self.tracer, f"send {topic.get_topic_name()}", "dispatch",
             parent=self._job_context(flight, attempt.job_id), kind=SpanKind.PRODUCER,
@@ -874,7 +905,6 @@ class Coordinator:
                 key=f"{attempt.attempt_id}:{attempt.epoch}".encode(),
                 value=encode_event(attempt), headers=inject_headers(span), partition=partition,
             )
-        self.pool.dispatched(attempt.attempt_id, attempt.tier, worker_id)
         logger.debug("Dispatched attempt %s (epoch %d) of job %s",
                      attempt.attempt_id, attempt.epoch, attempt.job_id)
 

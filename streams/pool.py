@@ -15,6 +15,8 @@ THROUGHPUT_WINDOW_S = 30.0
 MAX_TRACKED_ATTEMPTS = 100_000
 # A handful of finished attempts says little about a pool's rate, so admission waits for more.
 MIN_THROUGHPUT_SAMPLES = 20
+# Slot changes kept per worker between two of its status reports.
+MAX_SLOT_CHANGES = 10_000
 
 
 @dataclass
@@ -24,7 +26,11 @@ class _Seen:
 
 
 class PoolMonitor:
-    """Idle slots of the pool: free worker slots minus attempts dispatched but not yet claimed.
+    """Idle slots of the pool: free worker slots minus attempts waiting for a slot.
+
+    A worker's busy slots are those of its latest status report, moved by the attempts that
+    started and finished on it since. Reports come about once a second while an attempt may
+    take a fifth of that, so the report alone would describe a pool that no longer exists.
 
     Args:
         status_ttl_s: a worker whose last report is older than this counts as gone.
@@ -33,17 +39,72 @@ class PoolMonitor:
     def __init__(self, status_ttl_s: float) -> None:
         self.status_ttl_s = status_ttl_s
         self._workers: dict[str, _Seen] = {}
-        # Attempts dispatched and not yet claimed, with their tier, oldest first.
+        # Slots taken (+1) and freed (-1) on each worker, stamped by the worker's clock like
+        # its status reports, so a report settles exactly the changes it already counts.
+        self._slot_changes: dict[str, list[tuple[float, int]]] = {}
+        # The worker whose slot each started and not yet finished attempt occupies.
+        self._holders: dict[str, str] = {}
+        # Attempts dispatched that hold no slot yet, with their tier, oldest first: unclaimed,
+        # or claimed and waiting at the worker for a slot to free.
         self._unclaimed: dict[str, Tier] = {}
-        # The worker each unclaimed attempt was routed to, when the coordinator chose one.
+        # The worker each waiting attempt was routed to, when the coordinator chose one.
         self._routed_to: dict[str, str] = {}
+        # Counts of the two maps above, kept up to date because admission and routing read
+        # them for every job and attempt while a burst leaves thousands unclaimed.
+        self._unclaimed_by_tier: collections.Counter[Tier] = collections.Counter()
+        self._queued_by_worker: collections.Counter[str] = collections.Counter()
         self._finished_at_s: collections.deque[tuple[float, float]] = collections.deque()
+        self._finished_gpu_s = 0.0
         self._latest_at_s = float("-inf")
 
     def observe(self, status: WorkerStatus, now_s: float | None = None) -> None:
         now = time.monotonic() if now_s is None else now_s
         self._workers[status.worker_id] = _Seen(status, now)
         self._latest_at_s = max(self._latest_at_s, now)
+        reported_at = status.emitted_at.timestamp()
+        changes = self._slot_changes.get(status.worker_id)
+        if changes:
+            self._slot_changes[status.worker_id] = [
+                change for change in changes if change[0] > reported_at]
+
+    def slot_taken(self, worker_id: str, attempt_id: str, at_s: float) -> None:
+        """Count a slot that ``attempt_id`` took on ``worker_id`` when it started at ``at_s``."""
+        self.dequeued(attempt_id)
+        if self._holders.get(attempt_id) == worker_id:
+            return
+        self._holders[attempt_id] = worker_id
+        self._change_slots(worker_id, at_s, 1)
+        while len(self._holders) > MAX_TRACKED_ATTEMPTS:
+            del self._holders[next(iter(self._holders))]
+
+    def slot_freed(self, worker_id: str, attempt_id: str, at_s: float) -> None:
+        """Free the slot of an attempt that finished at ``at_s``.
+
+        Only a start seen here counts: an attempt that started before this process began is
+        still in the worker's reports until it finishes, and its next report drops it.
+        """
+        if self._holders.get(attempt_id) != worker_id:
+            return
+        del self._holders[attempt_id]
+        self._change_slots(worker_id, at_s, -1)
+
+    def _change_slots(self, worker_id: str, at_s: float, delta: int) -> None:
+        changes = self._slot_changes.setdefault(worker_id, [])
+        changes.append((at_s, delta))
+        # A worker that stopped reporting keeps no report to settle its changes.
+        if len(changes) > MAX_SLOT_CHANGES:
+            del changes[:len(changes) - MAX_SLOT_CHANGES]
+
+    def busy_of(self, worker_id: str) -> int:
+        """Slots of ``worker_id`` generating now: its report, moved by later starts and ends."""
+        seen = self._workers.get(worker_id)
+        if seen is None:
+            return 0
+        status = seen.status
+        reported_at = status.emitted_at.timestamp()
+        moved = sum(delta for at_s, delta in self._slot_changes.get(worker_id, ())
+                    if at_s > reported_at)
+        return max(0, min(status.slots, min(status.busy, status.slots) + moved))
 
     def gone_workers(self, now_s: float | None = None) -> frozenset[str]:
         """Return the workers that stopped reporting while others kept reporting.
@@ -61,32 +122,45 @@ class PoolMonitor:
 
     def dispatched(self, attempt_id: str, tier: Tier = Tier.STANDARD,
                    worker_id: str | None = None) -> None:
+        # A re-dispatch replaces the attempt's earlier entry.
+        self.dequeued(attempt_id)
         self._unclaimed[attempt_id] = tier
+        self._unclaimed_by_tier[tier] += 1
         if worker_id is not None:
             self._routed_to[attempt_id] = worker_id
+            self._queued_by_worker[worker_id] += 1
         # Bounded: attempts whose claim never arrived (a lost worker) age out first.
         while len(self._unclaimed) > MAX_TRACKED_ATTEMPTS:
-            oldest = next(iter(self._unclaimed))
-            del self._unclaimed[oldest]
-            self._routed_to.pop(oldest, None)
+            self.dequeued(next(iter(self._unclaimed)))
 
-    def claimed(self, attempt_id: str) -> None:
-        self._unclaimed.pop(attempt_id, None)
-        self._routed_to.pop(attempt_id, None)
+    def dequeued(self, attempt_id: str) -> None:
+        """Stop counting an attempt as waiting: it started, ended, was cancelled or denied."""
+        tier = self._unclaimed.pop(attempt_id, None)
+        if tier is not None:
+            self._unclaimed_by_tier[tier] -= 1
+        worker_id = self._routed_to.pop(attempt_id, None)
+        if worker_id is not None:
+            self._queued_by_worker[worker_id] -= 1
+            if not self._queued_by_worker[worker_id]:
+                del self._queued_by_worker[worker_id]
 
     def queued_by_worker(self) -> dict[str, int]:
         """Unclaimed attempts routed to each worker's partitions."""
-        return dict(collections.Counter(self._routed_to.values()))
+        return dict(self._queued_by_worker)
 
     def finished(self, gpu_s: float, now_s: float | None = None) -> None:
         """Count one finished attempt toward the measured throughput."""
         now = time.monotonic() if now_s is None else now_s
         self._finished_at_s.append((now, gpu_s))
+        self._finished_gpu_s += gpu_s
         self._trim(now)
 
     def _trim(self, now_s: float) -> None:
         while self._finished_at_s and now_s - self._finished_at_s[0][0] > THROUGHPUT_WINDOW_S:
-            self._finished_at_s.popleft()
+            self._finished_gpu_s -= self._finished_at_s.popleft()[1]
+        if not self._finished_at_s:
+            # An empty window resets the sum, so rounding errors do not pile up.
+            self._finished_gpu_s = 0.0
 
     def throughput_attempts_per_s(self, now_s: float | None = None) -> float:
         """Finished attempts per second over the window; 0 until enough were seen to trust."""
@@ -100,11 +174,10 @@ class PoolMonitor:
     def mean_attempt_s(self, default_s: float = 1.0) -> float:
         if not self._finished_at_s:
             return default_s
-        return sum(gpu_s for _, gpu_s in self._finished_at_s) / len(self._finished_at_s)
+        return max(0.0, self._finished_gpu_s) / len(self._finished_at_s)
 
     def backlog(self) -> dict[Tier, int]:
-        counts = collections.Counter(self._unclaimed.values())
-        return {tier: counts.get(tier, 0) for tier in Tier}
+        return {tier: self._unclaimed_by_tier[tier] for tier in Tier}
 
     def live_workers(self, now_s: float | None = None) -> list[WorkerStatus]:
         now = time.monotonic() if now_s is None else now_s
@@ -115,7 +188,7 @@ class PoolMonitor:
         return sum(status.slots for status in self.live_workers(now_s))
 
     def busy(self, now_s: float | None = None) -> int:
-        return sum(min(status.busy, status.slots) for status in self.live_workers(now_s))
+        return sum(self.busy_of(status.worker_id) for status in self.live_workers(now_s))
 
     def idle_slots(self, now_s: float | None = None) -> int:
         """Free slots after the attempts already waiting for one; negative when saturated."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -207,6 +208,12 @@ def extract_context(headers: Sequence[tuple[str, bytes]] | None) -> otel_context
             with contextlib.suppress(UnicodeDecodeError):
                 carrier[key] = value.decode("utf-8")
     return _PROPAGATOR.extract(carrier)
+
+
+@functools.lru_cache(maxsize=4_096)
+def traceparent_context(traceparent: str) -> otel_context.Context:
+    """Parse a stored ``traceparent`` into a context, cached because a job's spans share it."""
+    return _PROPAGATOR.extract({"traceparent": traceparent})
 
 
 def datetime_ns(moment: datetime) -> int:

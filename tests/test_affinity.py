@@ -151,8 +151,8 @@ def test_pool_counts_queue_per_routed_worker() -> None:
     pool.dispatched("unrouted", Tier.STANDARD)
     assert pool.queued_by_worker() == {"a": 2, "b": 1}
 
-    pool.claimed("x")
-    pool.claimed("z")
+    pool.dequeued("x")
+    pool.dequeued("z")
     assert pool.queued_by_worker() == {"a": 1}
     assert pool.backlog()[Tier.STANDARD] == 2
 

@@ -1,8 +1,13 @@
-"""The coordinator's pool view: which workers count as gone."""
+"""The coordinator's pool view: which workers count as gone, and what waits for a slot."""
 
 from __future__ import annotations
 
-from schemas.events import WorkerStatus
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from schemas.events import Tier, WorkerStatus
+from streams import pool as pool_module
 from streams.pool import PoolMonitor
 
 
@@ -44,3 +49,121 @@ def test_stopping_worker_is_not_gone() -> None:
     assert pool.gone_workers(now_s=1.0) == frozenset()
     assert [status.worker_id for status in pool.live_workers(now_s=1.0)] == ["w2"]
 
+
+
+def test_redispatch_moves_queued_attempt() -> None:
+    pool = PoolMonitor(status_ttl_s=5.0)
+    pool.dispatched("a1", Tier.STANDARD, "w1")
+    pool.dispatched("a1", Tier.BATCH, "w2")
+    pool.dispatched("a2", Tier.BATCH)
+
+    assert pool.queued_by_worker() == {"w2": 1}
+    assert pool.backlog() == {Tier.INTERACTIVE: 0, Tier.STANDARD: 0, Tier.BATCH: 2}
+
+    pool.dequeued("a1")
+    pool.dequeued("a1")
+    pool.dequeued("a2")
+    assert pool.queued_by_worker() == {}
+    assert pool.backlog() == {Tier.INTERACTIVE: 0, Tier.STANDARD: 0, Tier.BATCH: 0}
+
+
+def test_oldest_unclaimed_age_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool_module, "MAX_TRACKED_ATTEMPTS", 2)
+    pool = PoolMonitor(status_ttl_s=5.0)
+    for index in range(4):
+        pool.dispatched(f"a{index}", Tier.STANDARD, "w1" if index % 2 else "w2")
+
+    assert pool.backlog()[Tier.STANDARD] == 2
+    assert pool.queued_by_worker() == {"w1": 1, "w2": 1}
+
+
+def test_mean_attempt_time_in_window() -> None:
+    pool = PoolMonitor(status_ttl_s=5.0)
+    pool.finished(1.0, now_s=0.0)
+    pool.finished(3.0, now_s=10.0)
+    assert pool.mean_attempt_s() == 2.0
+
+    pool.finished(5.0, now_s=35.0)
+    assert pool.mean_attempt_s() == 4.0
+
+    pool.finished(0.5, now_s=100.0)
+    assert pool.mean_attempt_s() == 0.5
+
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _report(busy: int, at_s: float, slots: int = 4) -> WorkerStatus:
+    return WorkerStatus(worker_id="w1", slots=slots, busy=busy,
+                        emitted_at=T0 + timedelta(seconds=at_s))
+
+
+def _at(seconds: float) -> float:
+    return (T0 + timedelta(seconds=seconds)).timestamp()
+
+
+def test_busy_follows_starts_between_reports() -> None:
+    pool = PoolMonitor(status_ttl_s=60.0)
+    pool.observe(_report(busy=1, at_s=0.0))
+
+    pool.slot_taken("w1", "a", _at(1.0))
+    assert pool.busy_of("w1") == 2
+
+    pool.slot_freed("w1", "a", _at(2.0))
+    assert pool.busy_of("w1") == 1
+
+    pool.slot_taken("w1", "b", _at(3.0))
+    pool.observe(_report(busy=2, at_s=4.0))
+    assert pool.busy_of("w1") == 2
+
+    pool.slot_freed("w1", "b", _at(5.0))
+    assert pool.busy_of("w1") == 1
+
+
+def test_late_report_keeps_newer_starts() -> None:
+    # The report was sent before the start, so it does not count it yet.
+    pool = PoolMonitor(status_ttl_s=60.0)
+    pool.slot_taken("w1", "a", _at(2.0))
+    pool.observe(_report(busy=1, at_s=1.0))
+
+    assert pool.busy_of("w1") == 2
+
+
+def test_unseen_events_move_nothing() -> None:
+    pool = PoolMonitor(status_ttl_s=60.0)
+    pool.observe(_report(busy=2, at_s=0.0))
+
+    pool.slot_freed("w1", "started-before-this-process", _at(1.0))
+    pool.slot_taken("w1", "a", _at(2.0))
+    pool.slot_taken("w1", "a", _at(2.5))
+    assert pool.busy_of("w1") == 3
+
+    pool.slot_freed("w2", "a", _at(3.0))
+    assert pool.busy_of("w1") == 3
+
+
+def test_busy_stays_within_slots() -> None:
+    pool = PoolMonitor(status_ttl_s=60.0)
+    pool.observe(_report(busy=2, at_s=0.0, slots=2))
+    pool.slot_taken("w1", "a", _at(1.0))
+    assert pool.busy_of("w1") == 2
+
+    pool.observe(_report(busy=0, at_s=2.0, slots=2))
+    pool.slot_taken("w1", "b", _at(1.5))
+    pool.slot_freed("w1", "b", _at(3.0))
+    assert pool.busy_of("w1") == 0
+
+
+def test_started_attempt_leaves_queue() -> None:
+    pool = PoolMonitor(status_ttl_s=60.0)
+    pool.observe(_report(busy=0, at_s=0.0), now_s=0.0)
+    pool.dispatched("a", Tier.STANDARD, "w1")
+    assert pool.idle_slots(now_s=1.0) == 3
+    assert pool.queued_by_worker() == {"w1": 1}
+
+    pool.slot_taken("w1", "a", _at(1.0))
+    assert pool.idle_slots(now_s=1.0) == 3
+    assert pool.queued_by_worker() == {}
+
+    pool.slot_freed("w1", "a", _at(2.0))
+    assert pool.idle_slots(now_s=2.0) == 4
