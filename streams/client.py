@@ -179,9 +179,9 @@ class SlotforgeClient:
         waiter = self._waiters.get(outcome.job_id)
         if waiter is None or waiter.done():
             return
-        tenant_id, job_key = self._owners[outcome.job_id]
-        if outcome.tenant_id != tenant_id or (
-                isinstance(outcome, JobCompleted) and outcome.job_key != job_key):
+        owner = self._owners.get(outcome.job_id)
+        if owner is not None and not _belongs_to(outcome, *owner):
+            tenant_id, job_key = owner
             logger.warning(
                 "Ignoring %s of job %s at %s offset %d: it belongs to tenant %s, key %s, not "
                 "to the job this client submitted (tenant %s, key %s)", outcome.event_type,
@@ -192,3 +192,10 @@ class SlotforgeClient:
             waiter.set_exception(JobRejectedError(outcome))
         else:
             waiter.set_result(outcome)
+
+
+def _belongs_to(outcome: JobCompleted | JobRejected, tenant_id: str, job_key: str) -> bool:
+    """Check an outcome against the tenant and cache key of the job a client submitted."""
+    if outcome.tenant_id != tenant_id:
+        return False
+    return not isinstance(outcome, JobCompleted) or outcome.job_key == job_key
