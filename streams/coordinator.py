@@ -24,6 +24,7 @@ from typing import Any
 
 import faust
 from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka.partitioner import DefaultPartitioner
 from faust.types import EventT
 from opentelemetry.trace import SpanKind
 
@@ -449,20 +450,33 @@ class Coordinator:
         async for event in stream.events():
             try:
                 await self._on_request(event)
-            except Exception:
+            except Exception as err:
                 # A bug for one job must not stop the partition; the record is kept in the DLQ.
+                ids = _job_ids_from(event.value)
                 logger.exception(
-                    "Failed to handle job request at partition=%d offset=%d",
-                    event.message.partition, event.message.offset,
+                    "Failed to handle the request of job %s tenant=%s at %s[%d]@%d: %s",
+                    ids[0] if ids else "(unknown)", ids[1] if ids else "(unknown)",
+                    event.message.topic, event.message.partition, event.message.offset, err,
                 )
                 await self._dead_letter(event, EventDecodeError(
-                    "coordinator failed while handling this request", error_type="internal"))
+                    f"coordinator failed while handling this request: {err!r}"[:2_000],
+                    error_type="internal"))
+                if ids is not None:
+                    # The client waits for an outcome, so it learns of the failure at once.
+                    rejection = JobRejected(
+                        job_id=ids[0], tenant_id=ids[1],
+                        reason="internal error in the coordinator; the request is kept in the "
+                               "dead-letter topic, so retry with a new job id or replay it")
+                    await self.rejected_topic.send(key=ids[0].encode(),
+                                                   value=encode_event(rejection))
 
     async def _on_request(self, event: EventT) -> None:
         try:
             request = decode_event(event.value, JobRequested)
         except EventDecodeError as err:
             await self._reject_invalid(event, err)
+            return
+        if await self._reroute(event, request):
             return
 
         now = _utc_now()
@@ -473,6 +487,15 @@ class Coordinator:
         ) as span:
             flight = self._load(request.job_key) or FlightState.for_request(request)
             duplicate = request.job_id in flight.jobs
+            ended = flight.completion_of(request.job_id)
+            if ended is not None:
+                span.set_attribute("slotforge.admission.decision", "ended")
+                await self.completed_topic.send(key=ended.job_id.encode(),
+                                                value=encode_event(ended),
+                                                headers=inject_headers(span))
+                logger.info("Job %s already ended %s; republished its outcome",
+                            ended.job_id, ended.status.value)
+                return
             if not duplicate:
                 request, rejection, verdict = self._admit_or_reject(request, flight)
                 span.set_attribute("slotforge.admission.decision", verdict)
@@ -508,6 +531,25 @@ class Coordinator:
                 request.slots, request.tier.value, cached, len(decision.dispatch),
             )
         await self._publish(flight, decision)
+
+    async def _reroute(self, event: EventT, request: JobRequested) -> bool:
+        """Send a request that is not on its cache key's partition to that partition.
+
+        A flight lives on the partition of the events keyed by its cache key. A request
+        keyed otherwise, or placed by another client's partitioner, would write the flight
+        to a second changelog partition, and a restart could then restore the older copy.
+        """
+        partitions = list(range(self.settings.kafka.partitions))
+        owner = DefaultPartitioner()(request.job_key.encode(), partitions, partitions)
+        if event.message.partition == owner:
+            return False
+        await self.requests_topic.send(key=request.job_key.encode(), value=event.value,
+                                       partition=owner, headers=_headers_of(event))
+        logger.warning(
+            "Re-routed job %s from %s[%d]@%d to partition %d: the record was not keyed by the "
+            "job's cache key %s", request.job_id, event.message.topic, event.message.partition,
+            event.message.offset, owner, request.job_key)
+        return True
 
     def _request_attributes(self, request: JobRequested, event: EventT) -> dict[str, Any]:
         return {
@@ -574,8 +616,10 @@ class Coordinator:
 
         flight = self._load(message.job_key)
         if flight is None:
-            logger.warning("Ignoring %s of job %s: no flight for its key",
-                           message.event_type, message.job_id)
+            logger.warning("Ignoring %s of attempt %s of job %s at %s[%d]@%d: no flight for key %s",
+                           message.event_type, getattr(message, "attempt_id", "-"),
+                           message.job_id, event.message.topic, event.message.partition,
+                           event.message.offset, message.job_key)
             return
 
         now = _utc_now()
@@ -740,6 +784,11 @@ class Coordinator:
             return decision
 
         if sweep.action in ("hung", "too_slow") and sweep.attempt_id and sweep.epoch:
+            if not self.liveness.confirm(sweep.attempt_id, sweep.epoch):
+                logger.info("Dropped the %s timeout of attempt %s (epoch %d) of job %s: it "
+                            "reported progress after the check", sweep.action,
+                            sweep.attempt_id, sweep.epoch, sweep.job_id)
+                return None
             self.liveness.finished(sweep.attempt_id)
             decision = flight.on_attempt_timeout(
                 sweep.attempt_id, sweep.epoch, now, self.limits, pool,
@@ -801,8 +850,10 @@ class Coordinator:
             self._renewals.pop(cancel.attempt_id, None)
             await self.control_topic.send(
                 key=(cancel.worker_id or cancel.attempt_id).encode(), value=encode_event(cancel))
-            logger.info("Cancelling attempt %s of job %s on %s: %s", cancel.attempt_id,
-                        cancel.job_id, cancel.worker_id or "no worker yet", cancel.reason)
+            logger.info("Cancelling attempt %s of job %s (%s): %s", cancel.attempt_id,
+                        cancel.job_id,
+                        f"on worker {cancel.worker_id}" if cancel.worker_id else "not claimed yet",
+                        cancel.reason)
         for attempt in decision.dispatch:
             await self._send_attempt(flight, attempt)
         for attempt, retry_no in decision.retry:
@@ -1073,6 +1124,8 @@ def _job_ids_from(value: bytes | None) -> tuple[str, str] | None:
     if not isinstance(raw, dict):
         return None
     job_id, tenant_id = raw.get("job_id"), raw.get("tenant_id")
+    # A rejection takes ids up to 64 characters, so a request whose id is too long for a
+    # job (see JobRequested) still gets its reason.
     if isinstance(job_id, str) and isinstance(tenant_id, str) and 0 < len(job_id) <= 64 \
             and 0 < len(tenant_id) <= 128:
         return job_id, tenant_id

@@ -161,6 +161,7 @@ class JobRecord(BaseModel):
     status: JobStatus | None = None
     slots: list[SlotResult] = Field(default_factory=list)
     finished_at: datetime | None = None
+    reason: str | None = None
     # Acknowledgements of critical consumers: consumer name to (delivered, reason).
     acks: dict[str, tuple[bool, str]] = Field(default_factory=dict)
     delivery: Literal["delivered", "delivery_failed"] | None = None
@@ -733,19 +734,29 @@ class FlightState(BaseModel):
             status = JobStatus.FAILED
         job.status = status
         job.finished_at = now
+        job.reason = reason
+        completed = self.completion_of(job.job_id)
+        assert completed is not None
+        return completed
+
+    def completion_of(self, job_id: str) -> JobCompleted | None:
+        """Return the outcome of a job that ended, as it was published; None while it runs."""
+        job = self.jobs.get(job_id)
+        if job is None or job.status is None or job.finished_at is None:
+            return None
         return JobCompleted(
             job_id=job.job_id,
             job_key=self.job_key,
             tenant_id=self.tenant_id,
             user_id=self.user_id,
-            status=status,
+            status=job.status,
             requested_slots=job.requested_slots,
             slots=list(job.slots),
             attempts=job.attempts_charged,
             tier=job.tier,
             requested_at=job.requested_at,
-            completed_at=now,
-            reason=reason,
+            completed_at=job.finished_at,
+            reason=job.reason,
         )
 
     def _add_to_cache(self, attempt_id: str, artifact_uri: str, score: float,

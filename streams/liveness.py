@@ -100,6 +100,24 @@ class LivenessTracker:
                                                          now_s)
                 watched.next_check_s = 0.0
 
+    def confirm(self, attempt_id: str, epoch: int, now_s: float | None = None) -> bool:
+        """Decide again on a kill that waited in the events topic; False when it no longer holds.
+
+        Heartbeats queued ahead of the kill, after a pause of this process for example, may
+        show the attempt healthy by now. An attempt that is not watched here under ``epoch``
+        returns True, so the flight judges the kill itself.
+        """
+        watched = self._watched.get(attempt_id)
+        if watched is None or watched.epoch != epoch:
+            return True
+        now = time.time() if now_s is None else now_s
+        decision = self.policy.decide(watched.observation, now)
+        if decision.action != "keep":
+            return True
+        next_check = decision.next_check_at_s
+        watched.next_check_s = next_check if math.isfinite(next_check) else math.inf
+        return False
+
     def due(self, now_s: float | None = None) -> list[tuple[_Watched, TimeoutDecision]]:
         """Return attempts whose decision is to kill them, checking only those that are due."""
         now = time.time() if now_s is None else now_s

@@ -57,11 +57,13 @@ class TopicReader:
 
 
 async def produce(settings: KafkaSettings, topic: str, value: bytes, key: bytes | None = None,
-                  headers: list[tuple[str, bytes]] | None = None) -> None:
+                  headers: list[tuple[str, bytes]] | None = None,
+                  partition: int | None = None) -> None:
     producer = make_producer(settings)
     await producer.start()
     try:
-        await producer.send_and_wait(topic, value, key=key, headers=headers or [])
+        await producer.send_and_wait(topic, value, key=key, headers=headers or [],
+                                     partition=partition)
     finally:
         await producer.stop()
 

@@ -152,3 +152,54 @@ async def test_restarted_coordinator_resumes_job(
 
     assert completed.status == JobStatus.COMPLETED
     assert len(completed.slots) == 2
+
+
+async def test_misrouted_request_rerouted(settings: Settings, coordinator) -> None:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from schemas.events import Tier
+
+    request = _request(slots=1)
+    partitions = list(range(settings.kafka.partitions))
+    owner = DefaultPartitioner()(request.job_key.encode(), partitions, partitions)
+    wrong = (owner + 1) % len(partitions)
+    changelog = f"{settings.kafka.topic_prefix}{settings.coordinator.app_id}-flights-changelog"
+    async with SlotforgeClient(settings.kafka) as client, \
+            TopicReader(settings.kafka, settings.topics.attempts(Tier.STANDARD)) as attempts:
+        client._waiters[request.job_id] = __import__("asyncio").get_running_loop().create_future()
+        await produce(settings.kafka, settings.topics.jobs_requested, encode_event(request),
+                      key=b"not-the-cache-key", partition=wrong)
+        records = await attempts.wait_for(lambda seen: len(seen) >= 1, timeout_s=90)
+        await _report(settings, _attempts(records)[0], accepted=True, score=0.9)
+        completed = await client.wait(request.job_id, timeout_s=60)
+
+    assert completed.status == JobStatus.COMPLETED
+    async with TopicReader(settings.kafka, changelog) as table, \
+            TopicReader(settings.kafka, settings.topics.jobs_requested) as requests:
+        writes = await table.wait_for(lambda seen: len(seen) >= 1, timeout_s=30)
+        sent = await requests.wait_for(lambda seen: len(seen) >= 2, timeout_s=30)
+    # Every table write of the flight went to the partition its events use. Faust writes
+    # the changelog's keys as JSON.
+    assert {record.partition for record in writes
+            if record.key == json.dumps(request.job_key).encode()} == {owner}
+    assert [(record.partition, record.key) for record in sent] == [
+        (wrong, b"not-the-cache-key"), (owner, request.job_key.encode())]
+
+
+async def test_repeated_request_gets_outcome(settings: Settings, coordinator) -> None:
+    from schemas.events import Tier
+
+    request = _request(slots=1)
+    async with SlotforgeClient(settings.kafka) as client, \
+            TopicReader(settings.kafka, settings.topics.attempts(Tier.STANDARD)) as attempts:
+        await client.submit(request)
+        records = await attempts.wait_for(lambda seen: len(seen) >= 1, timeout_s=90)
+        await _report(settings, _attempts(records)[0], accepted=True, score=0.9)
+        first = await client.wait(request.job_id, timeout_s=60)
+
+        again = await client.run(request, timeout_s=60)
+        dispatched = await attempts.poll()
+
+    envelope = {"event_id", "emitted_at"}
+    assert again.model_dump(exclude=envelope) == first.model_dump(exclude=envelope)
+    assert len(records) + len(dispatched) == 1

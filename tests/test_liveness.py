@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,30 @@ def test_silent_attempt_reported_hung() -> None:
     due = tracker.due(now_s=60.0)
     assert [watched.observation.attempt_id for watched, _ in due] == ["a1"]
     assert due[0][1].action == "kill_hung"
+
+
+def test_queued_progress_overrides_kill() -> None:
+    # The kill was decided while heartbeats waited behind it, as after a paused process.
+    tracker = LivenessTracker()
+    _start(tracker, "a1", 0.0)
+    for step in range(1, 6):
+        tracker.progress("a1", 1, step, now_s=step * 0.5)
+    assert len(tracker.due(now_s=60.0)) == 1
+
+    tracker.progress("a1", 1, 6, now_s=60.1)
+    assert not tracker.confirm("a1", 1, now_s=60.2)
+    assert tracker.due(now_s=60.3) == []
+
+
+def test_silent_attempt_kill_confirmed() -> None:
+    tracker = LivenessTracker()
+    _start(tracker, "a1", 0.0)
+    tracker.progress("a1", 1, 1, now_s=0.5)
+    assert len(tracker.due(now_s=60.0)) == 1
+
+    assert tracker.confirm("a1", 1, now_s=60.2)
+    assert tracker.confirm("other", 1, now_s=60.2)
+    assert tracker.confirm("a1", 2, now_s=60.2)
 
 
 def test_sparse_reports_keep_slow_attempt() -> None:
@@ -112,6 +137,12 @@ def _one_slot_env(service_env: dict[str, str], *, p50_s: float) -> dict[str, str
     }
 
 
+def _one_slot_request(prompt: str, steps: int) -> JobRequested:
+    return JobRequested(tenant_id="acme", user_id="u1",
+                        params=GenerationParams(model="M0001", prompt=prompt, steps=steps),
+                        slots=1, deadline_s=600)
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 async def test_hung_attempt_redispatched(settings: Settings, service_env: dict[str, str],
@@ -123,11 +154,7 @@ async def test_hung_attempt_redispatched(settings: Settings, service_env: dict[s
         "SLOTFORGE_WORKER__WORKER_ID": "gpu-stuck",
         "SLOTFORGE_WORKER__SIMULATION__HANG_FRACTION": "1.0",
     })
-    request = JobRequested(
-        tenant_id="acme", user_id="u1",
-        params=GenerationParams(model="M0001", prompt="hall plan", steps=20),
-        slots=1, deadline_s=600,
-    )
+    request = _one_slot_request("hall plan", steps=20)
     try:
         async with SlotforgeClient(settings.kafka) as client, \
                 TopicReader(settings.kafka, settings.topics.attempts(Tier.STANDARD),
@@ -175,11 +202,7 @@ async def test_killed_worker_attempt_reclaimed(settings: Settings, service_env: 
     doomed = group.start("gpu-worker", name="gpu-doomed",
                          env={"SLOTFORGE_WORKER__WORKER_ID": "gpu-doomed",
                               "SLOTFORGE_WORKER__SIMULATION__P50_S": "120"})
-    request = JobRequested(
-        tenant_id="acme", user_id="u1",
-        params=GenerationParams(model="M0001", prompt="loft plan", steps=12),
-        slots=1, deadline_s=600,
-    )
+    request = _one_slot_request("loft plan", steps=12)
     try:
         async with SlotforgeClient(settings.kafka) as client, \
                 TopicReader(settings.kafka, settings.topics.coordinator_events) as events:
@@ -267,16 +290,44 @@ async def test_sparse_heartbeats_not_killed(settings: Settings, service_env: dic
     group.start("coordinator")
     group.start("postprocess")
     group.start("gpu-worker")
-    request = JobRequested(
-        tenant_id="acme", user_id="u1",
-        params=GenerationParams(model="M0001", prompt="sparse heartbeats", steps=20),
-        slots=1, deadline_s=600,
-    )
+    request = _one_slot_request("sparse heartbeats", steps=20)
     try:
         async with SlotforgeClient(settings.kafka) as client:
             await client.submit(request)
             completed = await client.wait(request.job_id, timeout_s=180)
     finally:
+        await asyncio.to_thread(group.stop_all, 15)
+
+    assert completed.status == JobStatus.COMPLETED
+    assert completed.attempts == 1
+    coordinator_log = (tmp_path / "logs" / "coordinator.log").read_text()
+    assert "Timed out attempt" not in coordinator_log
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+async def test_paused_coordinator_keeps_attempt(
+        settings: Settings, service_env: dict[str, str], tmp_path: Path) -> None:
+    # Heartbeats pile up while the coordinator is stopped, so its first check after the
+    # pause finds a long silence that the queued heartbeats already disprove.
+    group = ProcessGroup(tmp_path / "logs", _one_slot_env(service_env, p50_s=8.0))
+    coordinator = group.start("coordinator")
+    group.start("postprocess")
+    group.start("gpu-worker")
+    request = _one_slot_request("paused coordinator", steps=20)
+    try:
+        async with SlotforgeClient(settings.kafka) as client, \
+                TopicReader(settings.kafka, settings.topics.coordinator_events) as events:
+            await client.submit(request)
+            await events.wait_for(lambda seen: any(
+                b'"attempt.started"' in record.value for record in seen), timeout_s=120)
+            await asyncio.sleep(1.0)
+            coordinator.signal(signal.SIGSTOP)
+            await asyncio.sleep(5.0)
+            coordinator.signal(signal.SIGCONT)
+            completed = await client.wait(request.job_id, timeout_s=180)
+    finally:
+        coordinator.signal(signal.SIGCONT)
         await asyncio.to_thread(group.stop_all, 15)
 
     assert completed.status == JobStatus.COMPLETED
