@@ -182,8 +182,8 @@ async def test_misrouted_request_rerouted(settings: Settings, coordinator) -> No
     # the changelog's keys as JSON.
     assert {record.partition for record in writes
             if record.key == json.dumps(request.job_key).encode()} == {owner}
-    assert [(record.partition, record.key) for record in sent] == [
-        (wrong, b"not-the-cache-key"), (owner, request.job_key.encode())]
+    assert {(record.partition, record.key) for record in sent} == {
+        (wrong, b"not-the-cache-key"), (owner, request.job_key.encode())}
 
 
 async def test_repeated_request_gets_outcome(settings: Settings, coordinator) -> None:
