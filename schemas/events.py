@@ -77,7 +77,9 @@ class JobStatus(StrEnum):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+    # Python's JSON parser accepts NaN and Infinity, which no deadline, score or time means.
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False,
+                              allow_inf_nan=False)
 
 
 def normalize_prompt(prompt: str) -> str:

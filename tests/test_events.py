@@ -140,6 +140,15 @@ def test_unknown_field_rejected() -> None:
     assert "surprise" in caught.value.reason
 
 
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_number_rejected(value: str) -> None:
+    raw = encode_event(_request()).decode().replace('"deadline_s":600.0', f'"deadline_s":{value}')
+    assert value in raw
+    with pytest.raises(EventDecodeError) as caught:
+        decode_event(raw.encode(), JobRequested)
+    assert "finite" in caught.value.reason
+
+
 def test_started_without_interval_reports_every_step() -> None:
     # Events from workers that predate the field still decode.
     raw = json.loads(encode_event(AttemptStarted(attempt_id="a-1", job_id="j", job_key="t:k",
