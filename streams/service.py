@@ -15,6 +15,9 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable
 
+from aiokafka.errors import KafkaConnectionError
+
+from schemas.errors import ConfigurationError
 from streams.config import Settings
 from streams.metrics import start_metrics_server
 
@@ -76,7 +79,13 @@ async def _serve(name: str, main: ServiceMain, settings: Settings) -> None:
         loop.add_signal_handler(signum, on_signal, signum)
 
     logger.info("Starting %s (pid %d)", name, os.getpid())
-    metrics_server = start_metrics_server(settings.metrics.port, settings.metrics.address)
+    try:
+        metrics_server = start_metrics_server(settings.metrics.port, settings.metrics.address)
+    except OSError as err:
+        raise ConfigurationError(
+            f"cannot serve metrics on {settings.metrics.address}:{settings.metrics.port}: "
+            f"{err.strerror or err}; set SLOTFORGE_METRICS__PORT to a free port, or to 0 to "
+            "turn metrics off") from err
     try:
         await main(settings, stop)
     finally:
@@ -92,6 +101,15 @@ def serve(name: str, main: ServiceMain, settings: Settings) -> int:
         asyncio.run(_serve(name, main, settings))
     except asyncio.CancelledError:
         return 1
+    except ConfigurationError as err:
+        logger.error("%s failed to start: %s", name, err)
+        return 2
+    except KafkaConnectionError as err:
+        # A broker that is not running is the usual first-run mistake, so it gets one line.
+        logger.error("%s failed: cannot reach Kafka at %s (%s); start a broker with "
+                     "`slotforge broker run`, or set SLOTFORGE_KAFKA__BOOTSTRAP_SERVERS",
+                     name, settings.kafka.bootstrap_servers, err)
+        return 2
     except Exception:
         logger.exception("%s failed", name)
         return 1
