@@ -24,13 +24,14 @@ from typing import Any
 
 import faust
 from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka.errors import KafkaConnectionError
 from aiokafka.partitioner import DefaultPartitioner
 from faust.types import EventT
 from opentelemetry.trace import SpanKind
 
 from gpu_inference.affinity import WorkerView, route_partition, route_shortest_queue
 from gpu_inference.artifacts import ArtifactError, ArtifactStore
-from schemas.errors import EventDecodeError
+from schemas.errors import ConfigurationError, EventDecodeError
 from schemas.events import (
     AttemptClaim,
     AttemptDispatched,
@@ -80,7 +81,6 @@ from streams.metrics import (
     CACHE_LOOKUPS,
     CONSUMER_LAG,
     DEAD_LETTERS,
-    start_metrics_server,
 )
 from streams.pool import PoolMonitor, RunningAttempts
 from streams.racing import (
@@ -90,7 +90,12 @@ from streams.racing import (
     straggler_threshold_s,
 )
 from streams.retry import BackoffPolicy, retry_headers, retry_level
-from streams.service import start_exit_watchdog
+from streams.service import (
+    configure_logging,
+    serve_metrics,
+    start_exit_watchdog,
+    start_failure,
+)
 from streams.step_times import StepClass
 from streams.tracing import (
     Tracing,
@@ -1165,9 +1170,14 @@ class _CoordinatorWorker(faust.Worker):
 def main() -> int:
     """Run the coordinator as a faust worker until SIGTERM or SIGINT."""
     settings = load_settings()
-    start_metrics_server(settings.metrics.port, settings.metrics.address)
     coordinator = Coordinator(settings)
-    asyncio.run(coordinator.create_changelog())
+    try:
+        serve_metrics(settings)
+        asyncio.run(coordinator.create_changelog())
+    except (ConfigurationError, KafkaConnectionError) as err:
+        configure_logging(settings.log_level)
+        logger.error("Coordinator failed: %s", start_failure(settings, err))
+        return 2
     # faust spells the warning level "warn".
     loglevel = settings.log_level.lower().replace("warning", "warn")
     description = (f"app {settings.coordinator.app_id}, pid {os.getpid()}, requests "

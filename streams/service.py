@@ -19,7 +19,7 @@ from aiokafka.errors import KafkaConnectionError
 
 from schemas.errors import ConfigurationError
 from streams.config import Settings
-from streams.metrics import start_metrics_server
+from streams.metrics import MetricsServer, start_metrics_server
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,26 @@ def configure_logging(level: str) -> None:
     )
     # aiokafka logs every group join at INFO; that is useful, its heartbeat chatter is not.
     logging.getLogger("aiokafka.consumer.group_coordinator").setLevel(logging.WARNING)
+
+
+def serve_metrics(settings: Settings) -> MetricsServer | None:
+    """Start the metrics endpoint; a taken port raises ConfigurationError naming the setting."""
+    try:
+        return start_metrics_server(settings.metrics.port, settings.metrics.address)
+    except OSError as err:
+        raise ConfigurationError(
+            f"cannot serve metrics on {settings.metrics.address}:{settings.metrics.port}: "
+            f"{err.strerror or err}; set SLOTFORGE_METRICS__PORT to a free port, or to 0 to "
+            "turn metrics off") from err
+
+
+def start_failure(settings: Settings, error: ConfigurationError | KafkaConnectionError) -> str:
+    """Describe an error that stops a service at start, with the setting that fixes it."""
+    if isinstance(error, KafkaConnectionError):
+        # A broker that is not running is the usual first-run mistake, so it gets one line.
+        return (f"cannot reach Kafka at {settings.kafka.bootstrap_servers} ({error}); start a "
+                "broker with `slotforge broker run`, or set SLOTFORGE_KAFKA__BOOTSTRAP_SERVERS")
+    return str(error)
 
 
 def start_exit_watchdog(name: str, timeout_s: float) -> threading.Timer:
@@ -79,13 +99,7 @@ async def _serve(name: str, main: ServiceMain, settings: Settings) -> None:
         loop.add_signal_handler(signum, on_signal, signum)
 
     logger.info("Starting %s (pid %d)", name, os.getpid())
-    try:
-        metrics_server = start_metrics_server(settings.metrics.port, settings.metrics.address)
-    except OSError as err:
-        raise ConfigurationError(
-            f"cannot serve metrics on {settings.metrics.address}:{settings.metrics.port}: "
-            f"{err.strerror or err}; set SLOTFORGE_METRICS__PORT to a free port, or to 0 to "
-            "turn metrics off") from err
+    metrics_server = serve_metrics(settings)
     try:
         await main(settings, stop)
     finally:
@@ -101,14 +115,8 @@ def serve(name: str, main: ServiceMain, settings: Settings) -> int:
         asyncio.run(_serve(name, main, settings))
     except asyncio.CancelledError:
         return 1
-    except ConfigurationError as err:
-        logger.error("%s failed to start: %s", name, err)
-        return 2
-    except KafkaConnectionError as err:
-        # A broker that is not running is the usual first-run mistake, so it gets one line.
-        logger.error("%s failed: cannot reach Kafka at %s (%s); start a broker with "
-                     "`slotforge broker run`, or set SLOTFORGE_KAFKA__BOOTSTRAP_SERVERS",
-                     name, settings.kafka.bootstrap_servers, err)
+    except (ConfigurationError, KafkaConnectionError) as err:
+        logger.error("%s failed: %s", name, start_failure(settings, err))
         return 2
     except Exception:
         logger.exception("%s failed", name)

@@ -10,19 +10,20 @@ import sys
 import pytest
 
 
-def _run_service(**env: str) -> subprocess.CompletedProcess[str]:
+def _run_service(service: str = "postprocess", **env: str) -> subprocess.CompletedProcess[str]:
     variables = {key: value for key, value in os.environ.items()
                  if not key.startswith("SLOTFORGE_")}
     variables.update(env)
-    return subprocess.run([sys.executable, "-m", "streams.cli", "run", "postprocess"],
+    return subprocess.run([sys.executable, "-m", "streams.cli", "run", service],
                           env=variables, capture_output=True, text=True, timeout=120,
                           check=False)
 
 
 @pytest.mark.integration
-def test_unreachable_broker_named() -> None:
+@pytest.mark.parametrize("service", ["postprocess", "coordinator"])
+def test_unreachable_broker_named(service: str) -> None:
     # Nothing listens on port 1, so the connection is refused at once.
-    result = _run_service(SLOTFORGE_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:1")
+    result = _run_service(service, SLOTFORGE_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:1")
 
     assert result.returncode == 2
     assert "cannot reach Kafka at 127.0.0.1:1" in result.stderr
