@@ -38,11 +38,23 @@ MIN_SIDE_PX = 8
 MAX_SIDE_PX = 2_048
 MAX_RECORD_BYTES = 1_000_000
 # A job id names the job's artifact folder and manifest file, and starts each attempt id
-# ``<job id>-<n>``, which AttemptDispatched caps at 64 characters. 56 leaves 7 digits for n.
-# NOTE: n counts the attempts of every job of one cache key, so a key past 9,999,999 attempts
-# within its retention would still overflow the attempt id.
+# ``<job id>-<key tag>-<n>`` (see attempt_id_for), which events cap at MAX_ATTEMPT_ID_CHARS.
 MAX_JOB_ID_CHARS = 56
+MAX_ATTEMPT_ID_CHARS = 80
+# Hex digits of the cache key's hash in an attempt id.
+ATTEMPT_KEY_TAG_CHARS = 8
 _JOB_ID_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def attempt_id_for(job_id: str, job_key: str, seq: int) -> str:
+    """Name the seq-th attempt of a cache key's flight for job ``job_id``.
+
+    Clients choose job ids, so two cache keys may both have a job with the same id. The
+    key's tag keeps their attempts apart, because workers and the coordinator tell attempts
+    apart by id alone.
+    """
+    tag = hashlib.sha256(job_key.encode("utf-8")).hexdigest()[:ATTEMPT_KEY_TAG_CHARS]
+    return f"{job_id}-{tag}-{seq}"
 
 
 def utc_now() -> datetime:
@@ -173,7 +185,7 @@ class AttemptDispatched(_Event):
     """The coordinator asks a GPU worker to run one generation for a job."""
 
     event_type: Literal["attempt.dispatched"] = "attempt.dispatched"
-    attempt_id: str = Field(min_length=1, max_length=64)
+    attempt_id: str = Field(min_length=1, max_length=MAX_ATTEMPT_ID_CHARS)
     job_id: str = Field(min_length=1, max_length=64)
     job_key: str = Field(min_length=1, max_length=200)
     tenant_id: str = Field(min_length=1, max_length=128)
@@ -193,7 +205,7 @@ class AttemptDispatched(_Event):
 
 
 class _AttemptEvent(_Event):
-    attempt_id: str = Field(min_length=1, max_length=64)
+    attempt_id: str = Field(min_length=1, max_length=MAX_ATTEMPT_ID_CHARS)
     job_id: str = Field(min_length=1, max_length=64)
     job_key: str = Field(min_length=1, max_length=200)
     epoch: int = Field(default=1, ge=1)
@@ -341,7 +353,7 @@ class JobSweep(_Event):
     job_id: str = Field(min_length=1, max_length=64)
     job_key: str = Field(min_length=1, max_length=200)
     action: SweepAction
-    attempt_id: str | None = Field(default=None, max_length=64)
+    attempt_id: str | None = Field(default=None, max_length=MAX_ATTEMPT_ID_CHARS)
     epoch: int | None = Field(default=None, ge=1)
     reason: str = Field(default="", max_length=500)
 

@@ -39,6 +39,7 @@ from schemas.events import (
     ResultScored,
     SlotResult,
     Tier,
+    attempt_id_for,
 )
 from streams.racing import (
     AttemptRun,
@@ -667,7 +668,7 @@ class FlightState(BaseModel):
         self.seq += 1
         job.attempts_charged += 1
         record = AttemptRecord(
-            attempt_id=f"{job.job_id}-{self.seq}",
+            attempt_id=attempt_id_for(job.job_id, self.job_key, self.seq),
             job_id=job.job_id,
             seq=self.seq,
             seed=(self.seed_base + self.seq * _SEED_STRIDE) % 2**63,

@@ -162,7 +162,7 @@ def waterfall_chart(spans: list[dict[str, Any]], job: dict[str, Any]) -> str:
             color=_stage_color(span["stage"]), edgecolor="#d62728" if failed else "none",
             linewidth=1.5, hatch="//" if failed else None,
         )
-        # Attempt ids are "<job id>-<sequence>", so the sequence identifies one job's attempts.
+        # Attempt ids end in "-<sequence>", so the sequence identifies one job's attempts.
         attempt_id = span["attempt_id"]
         detail = f"attempt {attempt_id.rpartition('-')[2]}" if attempt_id else span["service"]
         if span["worker"]:

@@ -17,6 +17,7 @@ from schemas.events import (
     AttemptStarted,
     GenerationParams,
     JobRequested,
+    attempt_id_for,
     cache_key,
     decode_event,
     encode_event,
@@ -121,11 +122,12 @@ def test_request_rejects_unusable_job_id(job_id: str) -> None:
 def test_longest_job_id_fits_attempt_ids() -> None:
     request = _request(job_id="j" * MAX_JOB_ID_CHARS)
 
-    # The coordinator names attempts <job id>-<n>; 9,999,999 is the largest n that fits.
+    # A cache key's flight numbers its attempts; 10**14 - 1 is the largest number that fits.
     dispatched = AttemptDispatched(
-        attempt_id=f"{request.job_id}-9999999", job_id=request.job_id, job_key=request.job_key,
-        tenant_id=request.tenant_id, slot=0, attempt_no=9_999_999, params=request.params,
-        seed=0, tier=request.tier, deadline_at=request.requested_at,
+        attempt_id=attempt_id_for(request.job_id, request.job_key, 10**14 - 1),
+        job_id=request.job_id, job_key=request.job_key, tenant_id=request.tenant_id, slot=0,
+        attempt_no=1, params=request.params, seed=0, tier=request.tier,
+        deadline_at=request.requested_at,
     )
 
     assert decode_event(encode_event(dispatched), AttemptDispatched) == dispatched

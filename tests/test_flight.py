@@ -80,6 +80,20 @@ def test_sequential_dispatches_one_per_slot() -> None:
     assert len({attempt.seed for attempt in decision.dispatch}) == 3
 
 
+def test_shared_job_id_keeps_attempts_apart() -> None:
+    # Clients choose job ids, so two tenants, or two prompts, may use the same one.
+    first = _request(slots=1, tenant="t1")
+    others = [first.model_copy(update={"tenant_id": "t2"}),
+              first.model_copy(update={"params": first.params.model_copy(
+                  update={"prompt": "another plan"})})]
+
+    ids = [_admit(request)[1].dispatch[0].attempt_id for request in (first, *others)]
+
+    assert len({request.job_key for request in (first, *others)}) == 3
+    assert len(set(ids)) == 3
+    assert all(attempt_id.startswith(f"{first.job_id}-") for attempt_id in ids)
+
+
 def test_adaptive_races_by_acceptance_rate() -> None:
     _, decision = _admit(_request(slots=4), ADAPTIVE, PoolView(acceptance_rate=0.5,
                                                                 idle_slots=0))
