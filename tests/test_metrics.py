@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -169,12 +171,26 @@ async def _scrape_until(port: int, check: Any, timeout_s: float = 60.0
     return samples
 
 
+def _free_port_run(count: int) -> int:
+    """Return a port that starts ``count`` free ports, one per service of a process group."""
+    for _ in range(50):
+        base = free_port()
+        with contextlib.ExitStack() as sockets:
+            try:
+                for port in range(base, base + count):
+                    sockets.enter_context(socket.create_server(("127.0.0.1", port)))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError(f"found no {count} consecutive free ports on 127.0.0.1")
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 async def test_services_serve_metrics(
     settings: Settings, service_env: dict[str, str], tmp_path: Path
 ) -> None:
-    base_port = free_port()
+    base_port = _free_port_run(4)
     group = ProcessGroup(tmp_path / "logs", {
         **service_env,
         "SLOTFORGE_METRICS__PORT": str(base_port),
