@@ -934,8 +934,8 @@ class Coordinator:
             self.service_times.median_s(class_of(flight.params)))
         if self.limits.policy is RacingPolicy.ADAPTIVE and threshold_s is not None:
             attempt = attempt.model_copy(update={"straggler_remaining_s": threshold_s})
-        # NOTE: an attempt routed to a free worker still waits for the claim and grant round
-        # trip before it starts; granting its lease here would take two Kafka hops off that.
+        # NOTE: an attempt routed to a free worker still waits for the claim and the grant
+        # before it starts. Granting its lease here would save those two Kafka hops.
         routed_to = self._affinity_partition(attempt)
         worker_id: str | None = None
         partition: int | None = None
