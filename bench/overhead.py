@@ -384,9 +384,10 @@ def hop_latencies(outcomes: Sequence[JobOutcome], events: AttemptLog,
     """Time the three hops of every completed job, in milliseconds, from event timestamps.
 
     request_to_claim: the job's request time to the start of each of its first K attempts,
-    which a worker starts once the coordinator granted its claim. finish_to_fill: the
-    finish of the last delivered attempt to the job's completion, when the coordinator
-    filled that last slot. complete_to_ack: the completion to the delivery consumer's ack.
+    which a worker starts once it holds the lease, granted with the dispatch or on its claim.
+    finish_to_fill: the finish of the last delivered attempt to the job's completion, when
+    the coordinator filled that last slot. complete_to_ack: the completion to the delivery
+    consumer's ack.
     """
     starts: dict[str, list[datetime]] = collections.defaultdict(list)
     for started in events.started:
@@ -494,7 +495,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"{stream['jobs']} jobs at {parameters['load']:.0%} of that rate "
         f"({stream['offered_jobs_per_s']:.1f} jobs/s), timed from event timestamps of one "
         "machine's clock. request_to_claim runs from the job's request to the start of each "
-        "of its first K attempts (a worker starts an attempt once its claim is granted); "
+        "of its first K attempts (a worker starts an attempt once it holds its lease, "
+        "granted with the dispatch or on its claim); "
         "finish_to_fill from the finish of a job's last delivered attempt to the job's "
         "completion, when the coordinator filled that slot (post-processing included); "
         "complete_to_ack from the completion to the delivery consumer's acknowledgement.",

@@ -5,9 +5,10 @@ while a slot is free, or while fewer than ``claim_ahead`` claimed attempts wait 
 fetches from the tiers its tier policy (``gpu_inference.tier_policy``) chooses, and the other
 tiers' partitions stay paused. For each attempt it publishes ``attempt.started``,
 ``attempt.progress`` heartbeats and ``attempt.finished`` to the coordinator events topic,
-keyed by the job key. Before it runs an attempt it claims it and waits for the
-coordinator's grant on the control topic, which it follows from every partition; a
-cancellation there stops the attempt at its next denoising step. Claimed attempts that can
+keyed by the job key. Before it runs an attempt it needs the attempt's lease: either the
+coordinator granted it with the dispatch, or the worker claims the attempt and waits for the
+grant on the control topic, which it follows from every partition. A cancellation there
+stops the attempt at its next denoising step. Claimed attempts that can
 share one pipeline call (see ``gpu_inference.batching``) run as a batch of up to
 ``max_batch_size``, waiting at most ``max_batch_wait_ms`` for others. Progress,
 cancellation and failures stay per attempt.
@@ -89,6 +90,9 @@ _MAX_ERROR_CHARS = 2_000
 # recently used ones.
 MAX_WARM_REPORTED = 256
 MAX_REMEMBERED_CANCELS = 50_000
+# Seconds a lease granted with the dispatch must still have for the worker to run on it
+# without a claim, so clock skew and a slow start stay inside the lease.
+LEASE_MARGIN_S = 2.0
 
 
 @dataclass
@@ -398,6 +402,25 @@ class GpuWorker:
                 partitions.setdefault(tier, []).append(assigned.partition)
         return {tier: sorted(numbers) for tier, numbers in partitions.items()}
 
+    def _granted_at_dispatch(self, event: AttemptDispatched) -> ClaimDecision | None:
+        """Return the lease granted to this worker with the dispatch, while enough of it is left.
+
+        None sends the attempt through a claim: its lease belongs to another worker, is about
+        to run out, or was never granted.
+        """
+        if event.granted_to != self.worker_id or event.lease_expires_at is None:
+            return None
+        left_s = (event.lease_expires_at - utc_now()).total_seconds()
+        if left_s < LEASE_MARGIN_S:
+            logger.info("Claiming attempt %s (epoch %d) of job %s: the lease granted with its "
+                        "dispatch has %.1f s left", event.attempt_id, event.epoch, event.job_id,
+                        left_s)
+            return None
+        return ClaimDecision(attempt_id=event.attempt_id, job_id=event.job_id,
+                             job_key=event.job_key, epoch=event.epoch,
+                             worker_id=self.worker_id, granted=True,
+                             lease_expires_at=event.lease_expires_at)
+
     async def _claim(self, attempt: _Attempt, stop_at: float) -> ClaimDecision | None:
         """Claim the attempt and wait for the decision, asking again if none arrives in time.
 
@@ -599,7 +622,10 @@ class GpuWorker:
                 "slotforge.worker.id": self.worker_id,
                 "slotforge.attempt.epoch": event.epoch,
             }) as claim_span:
-                decision = await self._claim(attempt, event.deadline_at.timestamp())
+                decision = self._granted_at_dispatch(event)
+                claim_span.set_attribute("slotforge.claim.at_dispatch", decision is not None)
+                if decision is None:
+                    decision = await self._claim(attempt, event.deadline_at.timestamp())
                 claim_span.set_attribute("slotforge.claim.granted",
                                          decision is not None and decision.granted)
             if decision is None or not decision.granted:

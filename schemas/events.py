@@ -23,6 +23,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from schemas.errors import EventDecodeError
@@ -202,6 +203,16 @@ class AttemptDispatched(_Event):
     # Projected remaining seconds past which the coordinator replaces this attempt. A
     # worker whose projection passes it reports progress at once, between regular reports.
     straggler_remaining_s: float | None = Field(default=None, gt=0)
+    # Set when the coordinator granted the lease with the dispatch, to a worker it saw with
+    # a free slot. That worker runs the attempt without claiming it while the lease lasts.
+    granted_to: str | None = Field(default=None, min_length=1, max_length=128)
+    lease_expires_at: AwareDatetime | None = None
+
+    @model_validator(mode="after")
+    def _lease_has_holder(self) -> AttemptDispatched:
+        if (self.granted_to is None) != (self.lease_expires_at is None):
+            raise ValueError("granted_to and lease_expires_at must be set together")
+        return self
 
 
 class _AttemptEvent(_Event):

@@ -141,6 +141,9 @@ class CoordinatorSettings(BaseModel):
     # Route first attempts to a partition of the worker that model affinity picks; off, the
     # default partitioner spreads them by key.
     affinity_routing: bool = True
+    # Grant the lease with the dispatch of an attempt routed to a worker with a free slot,
+    # so it starts without the claim round trip. Needs affinity routing.
+    grant_at_dispatch: bool = True
     retention_s: float = Field(default=3_600.0, ge=0)
     # Milliseconds the broker may hold a fetch of the coordinator's consumer open while no
     # data arrives. Records for a partition left out of the open fetch wait up to this long.

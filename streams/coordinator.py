@@ -3,7 +3,8 @@
 It reads ``jobs.requested`` and the co-partitioned ``coordinator.events`` topic, both keyed
 by the job's cache key, so every event of a flight of identical jobs lands on one
 partition and one entry of the ``flights`` table. It races attempts to fill each job's
-slots and grants claims under leases with fencing epochs. Surplus attempts are cancelled
+slots and grants leases with fencing epochs, on a worker's claim or, for an attempt routed
+to a worker with a free slot, with the dispatch itself. Surplus attempts are cancelled
 through the control topic. At the attempt limit or deadline, open slots fall back to the
 best rejected results. Regenerations are served from the cache, and every job ends with
 a ``jobs.completed`` event. A restarted coordinator rebuilds its table from the
@@ -20,7 +21,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import faust
 from aiokafka import AIOKafkaProducer, ConsumerRecord
@@ -116,6 +117,13 @@ PARSED_FLIGHTS_MAX = 20_000
 # JobRejected.reason's maximum length; longer validation summaries are cut to fit.
 MAX_REJECTION_REASON_CHARS = 2_000
 Headers = list[tuple[str, bytes]]
+
+
+class _Routed(NamedTuple):
+    """A dispatch ready to send: the attempt, with any lease granted, and its partition."""
+
+    attempt: AttemptDispatched
+    partition: int | None
 
 
 def _utc_now() -> datetime:
@@ -524,6 +532,7 @@ class Coordinator:
             span.set_attribute("slotforge.cache.slots", cached)
             if not duplicate:
                 CACHE_LOOKUPS.labels("hit" if cached else "miss").inc()
+            routed = self._route(flight, decision)
             self._store(flight)
         if duplicate:
             logger.info("Job %s was already admitted; republishing its pending attempts",
@@ -535,7 +544,7 @@ class Coordinator:
                 request.job_id, request.tenant_id, request.user_id, request.params.model,
                 request.slots, request.tier.value, cached, len(decision.dispatch),
             )
-        await self._publish(flight, decision)
+        await self._publish(flight, decision, routed)
 
     async def _reroute(self, event: EventT, request: JobRequested) -> bool:
         """Send a request that is not on its cache key's partition to that partition.
@@ -632,15 +641,17 @@ class Coordinator:
         if isinstance(message, AttemptProgress):
             decision = flight.on_progress(message)
             self._adopt(flight, message)
+            routed: list[_Routed] = []
             if replan:
                 planned = flight.replan(now, self.limits, pool)
                 decision.extend(planned)
+                routed = self._route(flight, decision)
                 if straggler or planned.dispatch or planned.cancel or planned.completed:
                     self._store(flight)
             if straggler:
                 # Later heartbeats of a straggler need no second look at its flight.
                 self.running.ended(message.attempt_id)
-            await self._publish(flight, decision)
+            await self._publish(flight, decision, routed)
             return
         if isinstance(message, AttemptClaim):
             decision = flight.on_claim(message, now, self.limits)
@@ -685,8 +696,9 @@ class Coordinator:
             if swept is None:
                 return
             decision = swept
+        routed = self._route(flight, decision)
         self._store(flight)
-        await self._publish(flight, decision)
+        await self._publish(flight, decision, routed)
 
     def _is_straggler(self, progress: AttemptProgress) -> bool:
         """Check one heartbeat's attempt against its class's typical service time."""
@@ -836,7 +848,9 @@ class Coordinator:
 
     # ---- publishing ---------------------------------------------------------------------------
 
-    async def _publish(self, flight: FlightState, decision: Decision) -> None:
+    async def _publish(self, flight: FlightState, decision: Decision,
+                       routed: Iterable[_Routed]) -> None:
+        """Send a stored decision's events, with its dispatches as ``_route`` prepared them."""
         for claim in decision.claims:
             await self._send_claim_decision(claim)
         for cancel in decision.cancel:
@@ -852,15 +866,18 @@ class Coordinator:
             # A running attempt keeps its slot until its finish arrives.
             self.pool.dequeued(cancel.attempt_id)
             self.liveness.finished(cancel.attempt_id)
-            self._renewals.pop(cancel.attempt_id, None)
+            renewal = self._renewals.get(cancel.attempt_id)
+            # A re-dispatch in the same decision may hold a newer epoch's lease already.
+            if renewal is not None and renewal[0] <= cancel.epoch:
+                del self._renewals[cancel.attempt_id]
             await self.control_topic.send(
                 key=(cancel.worker_id or cancel.attempt_id).encode(), value=encode_event(cancel))
             logger.info("Cancelling attempt %s of job %s (%s): %s", cancel.attempt_id,
                         cancel.job_id,
                         f"on worker {cancel.worker_id}" if cancel.worker_id else "not claimed yet",
                         cancel.reason)
-        for attempt in decision.dispatch:
-            await self._send_attempt(flight, attempt)
+        for dispatch in routed:
+            await self._send_attempt(flight, dispatch)
         for attempt, retry_no in decision.retry:
             await self._send_retry(attempt, retry_no)
         for record, outcome in decision.outcomes:
@@ -891,10 +908,11 @@ class Coordinator:
             return None
         return traceparent_context(job.traceparent)
 
-    def _affinity_partition(self, attempt: AttemptDispatched) -> tuple[str, int] | None:
-        """Worker and partition of the attempt's tier topic: the worker that affinity picks
-        or, with no worker free, the one with the shortest queue. None lets the default
-        partitioner choose.
+    def _affinity_partition(self, attempt: AttemptDispatched
+                            ) -> tuple[str | None, int | None, bool]:
+        """Worker and partition of the attempt's tier topic, and whether that worker is free:
+        the worker that affinity picks or, with no worker free, the one with the shortest
+        queue. A partition of None lets the default partitioner choose.
 
         Re-dispatches (epoch above 1) keep the default partitioner, so an attempt that hung on
         a worker with its model warm is not sent straight back to it.
@@ -902,7 +920,7 @@ class Coordinator:
         # NOTE: follow-ups are not routed: their topic's partitions are owned independently
         # of the first-attempt topic's, and workers report only the latter.
         if not self.settings.coordinator.affinity_routing or attempt.followup:
-            return None
+            return None, None, False
         views: list[WorkerView] = []
         owned: dict[str, list[int]] = {}
         # Attempts routed to a worker take its free slots until they start there.
@@ -915,34 +933,49 @@ class Coordinator:
         record_key = f"{attempt.attempt_id}:{attempt.epoch}"
         routed_to = route_partition(views, owned, attempt.params.model, attempt.params.loras,
                                     record_key)
+        free = routed_to is not None
         if routed_to is None:
             routed_to = route_shortest_queue(owned, queued, record_key)
         if routed_to is None:
-            return None
+            return None, None, False
         worker_id, partition = routed_to
         logger.debug("Routing attempt %s (model %s) to worker %s, partition %d",
                      attempt.attempt_id, attempt.params.model, worker_id, partition)
-        return routed_to
+        return worker_id, partition, free
 
     def _attempt_topic(self, attempt: AttemptDispatched) -> Any:
         topics = self.followup_topics if attempt.followup else self.attempt_topics
         return topics[attempt.tier]
 
-    async def _send_attempt(self, flight: FlightState, attempt: AttemptDispatched) -> None:
-        topic = self._attempt_topic(attempt)
+    def _route(self, flight: FlightState, decision: Decision) -> list[_Routed]:
+        """Pick each dispatch's partition and grant its lease where the worker has a free slot.
+
+        Runs before the flight is stored, so a lease granted here is in the table before
+        its attempt reaches the worker.
+        """
+        routed: list[_Routed] = []
         threshold_s = straggler_threshold_s(
             self.service_times.median_s(class_of(flight.params)))
-        if self.limits.policy is RacingPolicy.ADAPTIVE and threshold_s is not None:
-            attempt = attempt.model_copy(update={"straggler_remaining_s": threshold_s})
-        # NOTE: an attempt routed to a free worker still waits for the claim and the grant
-        # before it starts. Granting its lease here would save those two Kafka hops.
-        routed_to = self._affinity_partition(attempt)
-        worker_id: str | None = None
-        partition: int | None = None
-        if routed_to is not None:
-            worker_id, partition = routed_to
-        # Counted before the send, so an attempt routed during the send counts this one.
-        self.pool.dispatched(attempt.attempt_id, attempt.tier, worker_id)
+        now = _utc_now()
+        for attempt in decision.dispatch:
+            if self.limits.policy is RacingPolicy.ADAPTIVE and threshold_s is not None:
+                attempt = attempt.model_copy(update={"straggler_remaining_s": threshold_s})
+            worker_id, partition, free = self._affinity_partition(attempt)
+            if free and worker_id is not None and self.settings.coordinator.grant_at_dispatch:
+                until = flight.grant_at_dispatch(attempt.attempt_id, attempt.epoch, worker_id,
+                                                 now, self.limits)
+                if until is not None:
+                    attempt = attempt.model_copy(
+                        update={"granted_to": worker_id, "lease_expires_at": until})
+                    self._renewals[attempt.attempt_id] = (attempt.epoch, worker_id, until)
+            # Counted at once, so the next attempt's route counts this one as queued.
+            self.pool.dispatched(attempt.attempt_id, attempt.tier, worker_id)
+            routed.append(_Routed(attempt, partition))
+        return routed
+
+    async def _send_attempt(self, flight: FlightState, dispatch: _Routed) -> None:
+        attempt, partition = dispatch
+        topic = self._attempt_topic(attempt)
         with stage_span(
             self.tracer, f"send {topic.get_topic_name()}", "dispatch",
             parent=self._job_context(flight, attempt.job_id), kind=SpanKind.PRODUCER,
@@ -955,6 +988,7 @@ class Coordinator:
                 "slotforge.attempt.epoch": attempt.epoch,
                 "slotforge.tier": attempt.tier.value,
                 "slotforge.attempt.routed": partition is not None,
+                "slotforge.lease.at_dispatch": attempt.granted_to is not None,
             },
         ) as span:
             # The epoch is part of the key, so a re-dispatch lands on a random partition
@@ -963,8 +997,10 @@ class Coordinator:
                 key=f"{attempt.attempt_id}:{attempt.epoch}".encode(),
                 value=encode_event(attempt), headers=inject_headers(span), partition=partition,
             )
-        logger.debug("Dispatched attempt %s (epoch %d) of job %s",
-                     attempt.attempt_id, attempt.epoch, attempt.job_id)
+        logger.debug("Dispatched attempt %s (epoch %d) of job %s%s",
+                     attempt.attempt_id, attempt.epoch, attempt.job_id,
+                     f" with its lease granted to {attempt.granted_to}"
+                     if attempt.granted_to else "")
 
     async def _send_retry(self, attempt: AttemptDispatched, retry_no: int) -> None:
         """Dispatch an attempt again through a delay topic, after backoff with jitter."""

@@ -298,6 +298,21 @@ class FlightState(BaseModel):
             lease_expires_at=record.lease_expires_at,
         )])
 
+    def grant_at_dispatch(self, attempt_id: str, epoch: int, worker_id: str, now: datetime,
+                          limits: FlightLimits) -> datetime | None:
+        """Grant the lease of an attempt being dispatched to the worker it is routed to.
+
+        Returns the lease's expiry, or None when the attempt has a holder already or has
+        moved on, as a pending attempt published again for a repeated request may have.
+        """
+        record = self.attempts.get(attempt_id)
+        if (record is None or record.epoch != epoch or record.phase != "dispatched"
+                or record.worker_id is not None):
+            return None
+        record.worker_id = worker_id
+        record.lease_expires_at = now + timedelta(seconds=limits.lease_s)
+        return record.lease_expires_at
+
     def on_started(self, event: AttemptStarted) -> Decision:
         record = self.attempts.get(event.attempt_id)
         if record is None or event.epoch != record.epoch:

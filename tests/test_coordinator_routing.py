@@ -1,20 +1,31 @@
-"""Where the coordinator routes attempts, from the workers' status reports alone."""
+"""Where the coordinator routes attempts, and when it grants their leases with the dispatch,
+from the workers' status reports alone."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
-from schemas.events import AttemptDispatched, GenerationParams, Tier, WorkerStatus, utc_now
-from streams.config import KafkaSettings, Settings
+from schemas.events import (
+    AttemptDispatched,
+    GenerationParams,
+    JobRequested,
+    Tier,
+    WorkerStatus,
+    utc_now,
+)
+from streams.config import CoordinatorSettings, KafkaSettings, Settings
 from streams.coordinator import Coordinator
+from streams.flight import Decision, FlightState, PoolView
 
 
-def _coordinator() -> Coordinator:
+def _coordinator(*, free_slots: int = 2, grant_at_dispatch: bool = True) -> Coordinator:
     # Nothing connects before the app starts, so this address needs no broker.
-    coordinator = Coordinator(Settings(kafka=KafkaSettings(bootstrap_servers="127.0.0.1:9")))
+    coordinator = Coordinator(Settings(
+        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:9"),
+        coordinator=CoordinatorSettings(grant_at_dispatch=grant_at_dispatch)))
     coordinator.pool.observe(WorkerStatus(worker_id="busy", slots=2, busy=2,
                                           partitions={Tier.STANDARD: [0, 1, 2]}))
-    coordinator.pool.observe(WorkerStatus(worker_id="free", slots=2, busy=0,
+    coordinator.pool.observe(WorkerStatus(worker_id="free", slots=2, busy=2 - free_slots,
                                           partitions={Tier.STANDARD: [3, 4, 5]}))
     return coordinator
 
@@ -26,15 +37,51 @@ def _attempt(*, followup: bool) -> AttemptDispatched:
         tier=Tier.STANDARD, deadline_at=utc_now() + timedelta(seconds=60), followup=followup)
 
 
-def test_first_attempt_goes_to_free_worker() -> None:
-    routed = _coordinator()._affinity_partition(_attempt(followup=False))
+def _admitted(coordinator: Coordinator, slots: int) -> tuple[FlightState, Decision]:
+    request = JobRequested(tenant_id="acme", user_id="u", slots=slots, deadline_s=60,
+                           params=GenerationParams(model="M1", prompt="plan", steps=4))
+    flight = FlightState.for_request(request)
+    decision = flight.admit(request, utc_now(), coordinator.limits,
+                            PoolView(acceptance_rate=1.0, idle_slots=0))
+    return flight, decision
 
-    assert routed is not None
-    assert routed[0] == "free"
-    assert routed[1] in (3, 4, 5)
+
+def test_first_attempt_goes_to_free_worker() -> None:
+    worker_id, partition, free = _coordinator()._affinity_partition(_attempt(followup=False))
+
+    assert worker_id == "free"
+    assert partition in (3, 4, 5)
+    assert free
 
 
 def test_followup_left_to_partitioner() -> None:
     routed = _coordinator()._affinity_partition(_attempt(followup=True))
 
-    assert routed is None
+    assert routed == (None, None, False)
+
+
+def test_lease_granted_with_dispatch_to_free_worker() -> None:
+    coordinator = _coordinator(free_slots=1)
+    flight, decision = _admitted(coordinator, slots=2)
+
+    routed = coordinator._route(flight, decision)
+
+    # One free slot takes one lease; the second attempt queues and claims as before.
+    granted = [item.attempt for item in routed if item.attempt.granted_to is not None]
+    assert len(granted) == 1
+    assert granted[0].granted_to == "free"
+    assert granted[0].lease_expires_at is not None
+    record = flight.attempts[granted[0].attempt_id]
+    assert record.worker_id == "free"
+    assert record.lease_expires_at == granted[0].lease_expires_at
+    assert all(item.partition is not None for item in routed)
+
+
+def test_no_lease_without_free_slot() -> None:
+    for coordinator in (_coordinator(free_slots=0), _coordinator(grant_at_dispatch=False)):
+        flight, decision = _admitted(coordinator, slots=2)
+
+        routed = coordinator._route(flight, decision)
+
+        assert [item.attempt.granted_to for item in routed] == [None, None]
+        assert all(record.worker_id is None for record in flight.attempts.values())

@@ -237,6 +237,48 @@ def test_lease_of_gone_worker_expires_early() -> None:
     assert result.cancel[0].worker_id == "w1"
 
 
+def test_dispatch_lease_denies_other_claims() -> None:
+    flight, decision = _admit(_request(slots=1))
+    attempt = decision.dispatch[0]
+
+    until = flight.grant_at_dispatch(attempt.attempt_id, attempt.epoch, "w1", NOW, SEQUENTIAL)
+
+    assert until == NOW + timedelta(seconds=SEQUENTIAL.lease_s)
+    assert not _claim(flight, attempt, "w2")
+    # The holder may still claim, when its lease was about to run out on arrival.
+    assert _claim(flight, attempt, "w1")
+
+
+def test_dispatch_lease_granted_once() -> None:
+    flight, decision = _admit(_request(slots=1))
+    attempt = decision.dispatch[0]
+    assert flight.grant_at_dispatch(attempt.attempt_id, attempt.epoch, "w1", NOW, SEQUENTIAL)
+
+    # A repeated request publishes the pending attempt again; its lease stays with w1.
+    assert flight.grant_at_dispatch(attempt.attempt_id, attempt.epoch, "w2", NOW,
+                                    SEQUENTIAL) is None
+    assert flight.grant_at_dispatch(attempt.attempt_id, attempt.epoch + 1, "w2", NOW,
+                                    SEQUENTIAL) is None
+    assert flight.attempts[attempt.attempt_id].worker_id == "w1"
+
+
+def test_unstarted_dispatch_lease_expires() -> None:
+    flight, decision = _admit(_request(slots=1))
+    attempt = decision.dispatch[0]
+    flight.grant_at_dispatch(attempt.attempt_id, attempt.epoch, "w1", NOW, SEQUENTIAL)
+
+    # The worker died before it fetched the attempt, so nothing renews the lease.
+    later = NOW + timedelta(seconds=SEQUENTIAL.lease_s + 1)
+    result = flight.on_lease_expired(attempt.attempt_id, later, SEQUENTIAL, BUSY)
+
+    again = result.dispatch[0]
+    assert again.epoch == attempt.epoch + 1
+    assert again.granted_to is None
+    assert result.cancel[0].worker_id == "w1"
+    assert flight.grant_at_dispatch(again.attempt_id, again.epoch, "w2", later, SEQUENTIAL)
+    assert not _claim(flight, attempt, "w1", later)
+
+
 def test_crash_redispatches_count_as_retries() -> None:
     limits = FlightLimits(max_attempts_per_slot=3, policy=RacingPolicy.SEQUENTIAL,
                           max_retries_per_attempt=2, max_retries_per_job=8)

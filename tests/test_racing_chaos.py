@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from schemas.events import (
+    AttemptClaim,
     AttemptStarted,
     GenerationParams,
     JobCompleted,
@@ -117,10 +118,17 @@ async def test_racing_survives_worker_kills(settings: Settings, service_env: dic
 
     # No attempt ran on two workers under the same lease epoch.
     runners: dict[tuple[str, int], set[str]] = collections.defaultdict(set)
+    claimed: set[tuple[str, int]] = set()
     for record in events.records:
         if b'"attempt.started"' in record.value:
             started = decode_event(record.value, AttemptStarted)
             runners[(started.attempt_id, started.epoch)].add(started.worker_id)
+        elif b'"attempt.claim"' in record.value:
+            claim = decode_event(record.value, AttemptClaim)
+            claimed.add((claim.attempt_id, claim.epoch))
     doubled = {key: workers for key, workers in runners.items() if len(workers) > 1}
     assert doubled == {}
     assert runners, "no attempt was started"
+    # Both ways to a lease took part: a claim, and a grant with the dispatch.
+    assert set(runners) & claimed
+    assert set(runners) - claimed

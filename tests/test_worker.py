@@ -215,6 +215,32 @@ async def test_worker_runs_attempts_end_to_end(settings: Settings) -> None:
         assert generation["slotforge.worker.id"]
 
 
+async def test_dispatch_lease_skips_claim(settings: Settings) -> None:
+    settings = _with_worker(settings, worker_id="w-granted")
+    now = utc_now()
+    granted = _dispatch(job_key="acme:granted").model_copy(update={
+        "granted_to": "w-granted", "lease_expires_at": now + timedelta(seconds=60)})
+    elsewhere = _dispatch(job_key="acme:elsewhere").model_copy(update={
+        "granted_to": "w-other", "lease_expires_at": now + timedelta(seconds=60)})
+    # Less lease left than the margin, so the worker claims it before it runs.
+    running_out = _dispatch(job_key="acme:running-out").model_copy(update={
+        "granted_to": "w-granted",
+        "lease_expires_at": now + timedelta(seconds=worker.LEASE_MARGIN_S / 2)})
+
+    async with TopicReader(settings.kafka, settings.topics.coordinator_events) as events:
+        async with _running(worker.run, settings):
+            for attempt in (granted, elsewhere, running_out):
+                await _send(settings, attempt)
+            await events.wait_for(_count_finished(3), timeout_s=120)
+
+    claimed = {record.key for record in events.records
+               if b'"attempt.claim"' in (record.value or b"")}
+    assert claimed == {b"acme:elsewhere", b"acme:running-out"}
+    finished = {event.attempt_id: event for event in _finished(events.records)}
+    assert all(finished[attempt.attempt_id].status == AttemptStatus.SUCCEEDED
+               for attempt in (granted, elsewhere, running_out))
+
+
 async def test_heartbeats_throttled_by_interval(settings: Settings) -> None:
     settings = _with_worker(settings, progress_min_interval_s=3600.0)
     attempt = _dispatch(steps=6)
