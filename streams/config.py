@@ -119,6 +119,9 @@ class CoordinatorSettings(BaseModel):
     racing_policy: Literal["sequential", "fixed_race", "adaptive"] = "adaptive"
     # Lease a worker holds on a claimed attempt; progress heartbeats renew it.
     lease_s: float = Field(default=15.0, gt=0)
+    # Lease granted with a dispatch, until the attempt starts and its lease is renewed. Short,
+    # so an attempt whose record reached another worker after a rebalance goes out again soon.
+    dispatch_lease_s: float = Field(default=5.0, ge=3)
     cache_ttl_s: float = Field(default=3_600.0, ge=0)
     cache_max_entries: int = Field(default=16, ge=0, le=1_000)
     acceptance_prior: float = Field(default=0.5, gt=0, le=1)

@@ -189,6 +189,7 @@ class Coordinator:
         self.limits = FlightLimits(
             max_attempts_per_slot=config.max_attempts_per_slot,
             lease_s=config.lease_s,
+            dispatch_lease_s=config.dispatch_lease_s,
             cache_ttl_s=config.cache_ttl_s,
             cache_max_entries=config.cache_max_entries,
             policy=RacingPolicy(config.racing_policy),
@@ -657,6 +658,7 @@ class Coordinator:
             decision = flight.on_claim(message, now, self.limits)
         elif isinstance(message, AttemptStarted):
             decision = flight.on_started(message)
+            self._renew_at_start(flight, message, now)
             # A stale epoch's run still occupies the worker's slot, so it counts as busy.
             self.pool.slot_taken(message.worker_id, message.attempt_id,
                                  message.emitted_at.timestamp())
@@ -761,6 +763,13 @@ class Coordinator:
             return
         until = _utc_now() + timedelta(seconds=self.limits.lease_s)
         self._renewals[progress.attempt_id] = (progress.epoch, progress.worker_id, until)
+
+    def _renew_at_start(self, flight: FlightState, started: AttemptStarted,
+                        now: datetime) -> None:
+        """Extend the lease of an attempt that started, which may have waited on a short one."""
+        until = now + timedelta(seconds=self.limits.lease_s)
+        if flight.renew_lease(started.attempt_id, started.epoch, started.worker_id, until):
+            self._renewals[started.attempt_id] = (started.epoch, started.worker_id, until)
 
     def _renew(self, progress: AttemptProgress) -> bool:
         """Renew a lease in memory from a heartbeat; False when the flight must decide."""

@@ -63,6 +63,7 @@ class FlightLimits:
 
     max_attempts_per_slot: int = 4
     lease_s: float = 10.0
+    dispatch_lease_s: float = 5.0
     cache_ttl_s: float = 3_600.0
     cache_max_entries: int = 16
     policy: RacingPolicy = RacingPolicy.ADAPTIVE
@@ -279,10 +280,11 @@ class FlightState(BaseModel):
             reason = f"stale dispatch: epoch {claim.epoch} < current epoch {record.epoch}"
         elif not record.live or record.phase == "generated":
             reason = f"attempt already {record.phase}"
-        elif (record.worker_id not in (None, claim.worker_id) and record.lease_expires_at
-              and record.lease_expires_at > now):
-            reason = (f"lease held by {record.worker_id} until "
-                      f"{record.lease_expires_at.isoformat()}")
+        elif record.worker_id not in (None, claim.worker_id):
+            # Even past its expiry the lease stays with its holder until the lease sweep
+            # fences it with a new epoch, because the holder may be about to start.
+            until = record.lease_expires_at.isoformat() if record.lease_expires_at else "-"
+            reason = f"lease held by {record.worker_id} until {until}"
         if reason:
             return Decision(claims=[ClaimDecision(
                 attempt_id=claim.attempt_id, job_id=claim.job_id, job_key=claim.job_key,
@@ -310,7 +312,8 @@ class FlightState(BaseModel):
                 or record.worker_id is not None):
             return None
         record.worker_id = worker_id
-        record.lease_expires_at = now + timedelta(seconds=limits.lease_s)
+        record.lease_expires_at = now + timedelta(
+            seconds=min(limits.lease_s, limits.dispatch_lease_s))
         return record.lease_expires_at
 
     def on_started(self, event: AttemptStarted) -> Decision:

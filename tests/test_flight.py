@@ -12,6 +12,7 @@ from schemas.events import (
     AttemptClaim,
     AttemptDispatched,
     AttemptFinished,
+    AttemptStarted,
     AttemptStatus,
     GenerationParams,
     JobRequested,
@@ -198,6 +199,9 @@ def test_expired_lease_redispatches_with_higher_epoch() -> None:
     attempt = decision.dispatch[0]
     assert _claim(flight, attempt, "w1")
     later = NOW + timedelta(seconds=SEQUENTIAL.lease_s + 1)
+    # Past its expiry the lease is still w1's until the expiry fences it.
+    assert not _claim(flight, attempt, "w2", later)
+
     result = flight.on_lease_expired(attempt.attempt_id, later, SEQUENTIAL, BUSY)
     assert result.dispatch[0].attempt_id == attempt.attempt_id
     assert result.dispatch[0].epoch == attempt.epoch + 1
@@ -243,7 +247,7 @@ def test_dispatch_lease_denies_other_claims() -> None:
 
     until = flight.grant_at_dispatch(attempt.attempt_id, attempt.epoch, "w1", NOW, SEQUENTIAL)
 
-    assert until == NOW + timedelta(seconds=SEQUENTIAL.lease_s)
+    assert until == NOW + timedelta(seconds=SEQUENTIAL.dispatch_lease_s)
     assert not _claim(flight, attempt, "w2")
     # The holder may still claim, when its lease was about to run out on arrival.
     assert _claim(flight, attempt, "w1")
@@ -277,6 +281,22 @@ def test_unstarted_dispatch_lease_expires() -> None:
     assert result.cancel[0].worker_id == "w1"
     assert flight.grant_at_dispatch(again.attempt_id, again.epoch, "w2", later, SEQUENTIAL)
     assert not _claim(flight, attempt, "w1", later)
+
+
+def test_started_attempt_outlives_dispatch_lease() -> None:
+    flight, decision = _admit(_request(slots=1))
+    attempt = decision.dispatch[0]
+    flight.grant_at_dispatch(attempt.attempt_id, attempt.epoch, "w1", NOW, SEQUENTIAL)
+    flight.on_started(AttemptStarted(attempt_id=attempt.attempt_id, job_id=attempt.job_id,
+                                     job_key=attempt.job_key, epoch=attempt.epoch,
+                                     worker_id="w1"))
+
+    # The coordinator renews the lease at the start, to the full lease.
+    assert flight.renew_lease(attempt.attempt_id, attempt.epoch, "w1",
+                              NOW + timedelta(seconds=SEQUENTIAL.lease_s))
+
+    later = NOW + timedelta(seconds=SEQUENTIAL.dispatch_lease_s + 1)
+    assert flight.on_lease_expired(attempt.attempt_id, later, SEQUENTIAL, BUSY).dispatch == []
 
 
 def test_crash_redispatches_count_as_retries() -> None:
