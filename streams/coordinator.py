@@ -923,12 +923,11 @@ class Coordinator:
         the worker that affinity picks or, with no worker free, the one with the shortest
         queue. A partition of None lets the default partitioner choose.
 
-        Re-dispatches (epoch above 1) keep the default partitioner, so an attempt that hung on
-        a worker with its model warm is not sent straight back to it.
+        Follow-ups go to a partition of the follow-up topic that the worker owns. Re-dispatches
+        (epoch above 1) keep the default partitioner, so an attempt that hung on a worker with
+        its model warm is not sent straight back to it.
         """
-        # NOTE: follow-ups are not routed: their topic's partitions are owned independently
-        # of the first-attempt topic's, and workers report only the latter.
-        if not self.settings.coordinator.affinity_routing or attempt.followup:
+        if not self.settings.coordinator.affinity_routing or attempt.epoch > 1:
             return None, None, False
         views: list[WorkerView] = []
         owned: dict[str, list[int]] = {}
@@ -938,7 +937,8 @@ class Coordinator:
             free = status.slots - self.pool.busy_of(status.worker_id)
             views.append(WorkerView(status.worker_id, free - queued.get(status.worker_id, 0),
                                     frozenset(status.warm_models)))
-            owned[status.worker_id] = status.partitions.get(attempt.tier, [])
+            partitions = status.followup_partitions if attempt.followup else status.partitions
+            owned[status.worker_id] = partitions.get(attempt.tier, [])
         record_key = f"{attempt.attempt_id}:{attempt.epoch}"
         routed_to = route_partition(views, owned, attempt.params.model, attempt.params.loras,
                                     record_key)
