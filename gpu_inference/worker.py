@@ -384,9 +384,7 @@ class GpuWorker:
             busy=min(self.slots, self._generating),
             warm_models=list(warm())[-MAX_WARM_REPORTED:] if callable(warm) else [],
             stopping=stopping,
-            partitions={} if stopping else self._assigned_partitions(self.topics.attempts),
-            followup_partitions={} if stopping
-            else self._assigned_partitions(self.topics.followups),
+            partitions={} if stopping else self._assigned_partitions(),
         )
         try:
             await self.producer.send(self.topics.worker_status, encode_event(status),
@@ -394,9 +392,9 @@ class GpuWorker:
         except KafkaError:
             logger.warning("Failed to publish the status of worker %s", self.worker_id)
 
-    def _assigned_partitions(self, topic_of: Callable[[Tier], str]) -> dict[Tier, list[int]]:
-        """Partitions of each tier's ``topic_of(tier)`` that the consumer group assigned here."""
-        tiers = {topic_of(tier): tier for tier in Tier}
+    def _assigned_partitions(self) -> dict[Tier, list[int]]:
+        """Partitions of each tier's attempts topic that the consumer group assigned here."""
+        tiers = {self.topics.attempts(tier): tier for tier in Tier}
         partitions: dict[Tier, list[int]] = {}
         for assigned in self.fetcher.consumer.assignment():
             tier = tiers.get(assigned.topic)

@@ -382,8 +382,6 @@ class WorkerStatus(_Event):
     # Partitions of ``attempts.<tier>`` assigned to this worker, by tier. The coordinator
     # routes an attempt to the worker through them. Empty before the first assignment.
     partitions: dict[Tier, list[int]] = Field(default_factory=dict)
-    # The same for ``attempts.<tier>.followup``, whose partitions are assigned independently.
-    followup_partitions: dict[Tier, list[int]] = Field(default_factory=dict)
 
 
 class DeadLetter(_Event):

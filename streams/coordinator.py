@@ -923,11 +923,12 @@ class Coordinator:
         the worker that affinity picks or, with no worker free, the one with the shortest
         queue. A partition of None lets the default partitioner choose.
 
-        Follow-ups go to a partition of the follow-up topic that the worker owns. Re-dispatches
-        (epoch above 1) keep the default partitioner, so an attempt that hung on a worker with
-        its model warm is not sent straight back to it.
+        Re-dispatches (epoch above 1) keep the default partitioner, so an attempt that hung on
+        a worker with its model warm is not sent straight back to it.
         """
-        if not self.settings.coordinator.affinity_routing or attempt.epoch > 1:
+        # NOTE: follow-ups are not routed: their topic's partitions are owned independently
+        # of the first-attempt topic's, and workers report only the latter.
+        if not self.settings.coordinator.affinity_routing or attempt.followup:
             return None, None, False
         views: list[WorkerView] = []
         owned: dict[str, list[int]] = {}
@@ -937,8 +938,7 @@ class Coordinator:
             free = status.slots - self.pool.busy_of(status.worker_id)
             views.append(WorkerView(status.worker_id, free - queued.get(status.worker_id, 0),
                                     frozenset(status.warm_models)))
-            partitions = status.followup_partitions if attempt.followup else status.partitions
-            owned[status.worker_id] = partitions.get(attempt.tier, [])
+            owned[status.worker_id] = status.partitions.get(attempt.tier, [])
         record_key = f"{attempt.attempt_id}:{attempt.epoch}"
         routed_to = route_partition(views, owned, attempt.params.model, attempt.params.loras,
                                     record_key)

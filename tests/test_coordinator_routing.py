@@ -24,20 +24,17 @@ def _coordinator(*, free_slots: int = 2, grant_at_dispatch: bool = True) -> Coor
         kafka=KafkaSettings(bootstrap_servers="127.0.0.1:9"),
         coordinator=CoordinatorSettings(grant_at_dispatch=grant_at_dispatch)))
     coordinator.pool.observe(WorkerStatus(worker_id="busy", slots=2, busy=2,
-                                          partitions={Tier.STANDARD: [0, 1, 2]},
-                                          followup_partitions={Tier.STANDARD: [3, 4, 5]}))
+                                          partitions={Tier.STANDARD: [0, 1, 2]}))
     coordinator.pool.observe(WorkerStatus(worker_id="free", slots=2, busy=2 - free_slots,
-                                          partitions={Tier.STANDARD: [3, 4, 5]},
-                                          followup_partitions={Tier.STANDARD: [0, 1, 2]}))
+                                          partitions={Tier.STANDARD: [3, 4, 5]}))
     return coordinator
 
 
-def _attempt(*, followup: bool, epoch: int = 1) -> AttemptDispatched:
+def _attempt(*, followup: bool) -> AttemptDispatched:
     return AttemptDispatched(
         attempt_id="job-2", job_id="job", job_key="acme:key", tenant_id="acme", slot=0,
         attempt_no=2, params=GenerationParams(model="M1", prompt="p", steps=4), seed=1,
-        tier=Tier.STANDARD, deadline_at=utc_now() + timedelta(seconds=60), followup=followup,
-        epoch=epoch)
+        tier=Tier.STANDARD, deadline_at=utc_now() + timedelta(seconds=60), followup=followup)
 
 
 def _admitted(coordinator: Coordinator, slots: int) -> tuple[FlightState, Decision]:
@@ -57,17 +54,8 @@ def test_first_attempt_goes_to_free_worker() -> None:
     assert free
 
 
-def test_followup_goes_to_free_worker() -> None:
-    worker_id, partition, free = _coordinator()._affinity_partition(_attempt(followup=True))
-
-    # The free worker owns partitions 0 to 2 of the follow-up topic.
-    assert worker_id == "free"
-    assert partition in (0, 1, 2)
-    assert free
-
-
-def test_redispatch_left_to_partitioner() -> None:
-    routed = _coordinator()._affinity_partition(_attempt(followup=True, epoch=2))
+def test_followup_left_to_partitioner() -> None:
+    routed = _coordinator()._affinity_partition(_attempt(followup=True))
 
     assert routed == (None, None, False)
 
