@@ -406,7 +406,7 @@ class GpuWorker:
         """Return the lease granted to this worker with the dispatch, while enough of it is left.
 
         None sends the attempt through a claim: its lease belongs to another worker, is about
-        to run out, or was never granted.
+        to run out, was never granted, or lasts longer than any lease the coordinator grants.
         """
         if event.granted_to != self.worker_id or event.lease_expires_at is None:
             return None
@@ -415,6 +415,14 @@ class GpuWorker:
             logger.info("Claiming attempt %s (epoch %d) of job %s: the lease granted with its "
                         "dispatch has %.1f s left", event.attempt_id, event.epoch, event.job_id,
                         left_s)
+            return None
+        max_left_s = self.settings.coordinator.lease_s + LEASE_MARGIN_S
+        if left_s > max_left_s:
+            # Leases last at most SLOTFORGE_COORDINATOR__LEASE_S, so this record did not come
+            # from a coordinator with the same settings. A claim lets the coordinator decide.
+            logger.warning("Claiming attempt %s (epoch %d) of job %s: the lease granted with "
+                           "its dispatch has %.1f s left, over the maximum of %.1f s",
+                           event.attempt_id, event.epoch, event.job_id, left_s, max_left_s)
             return None
         return ClaimDecision(attempt_id=event.attempt_id, job_id=event.job_id,
                              job_key=event.job_key, epoch=event.epoch,

@@ -38,6 +38,9 @@ MAX_STEPS = 500
 MIN_SIDE_PX = 8
 MAX_SIDE_PX = 2_048
 MAX_RECORD_BYTES = 1_000_000
+# Highest partition number a worker may report: KafkaSettings.partitions creates at most
+# 1000 partitions per topic.
+MAX_PARTITION = 999
 # A job id names the job's artifact folder and manifest file, and starts each attempt id
 # ``<job id>-<key tag>-<n>`` (see attempt_id_for), which events cap at MAX_ATTEMPT_ID_CHARS.
 MAX_JOB_ID_CHARS = 56
@@ -369,6 +372,11 @@ class JobSweep(_Event):
     reason: str = Field(default="", max_length=500)
 
 
+# A partition number in a worker's status report. The coordinator sends records to these
+# partitions, so it also checks them against the topic's partition count.
+PartitionNumber = Annotated[int, Field(ge=0, le=MAX_PARTITION)]
+
+
 class WorkerStatus(_Event):
     """A GPU worker's periodic report of its slots, so the coordinator sees idle capacity."""
 
@@ -381,7 +389,15 @@ class WorkerStatus(_Event):
     stopping: bool = False
     # Partitions of ``attempts.<tier>`` assigned to this worker, by tier. The coordinator
     # routes an attempt to the worker through them. Empty before the first assignment.
-    partitions: dict[Tier, list[int]] = Field(default_factory=dict)
+    partitions: dict[Tier, list[PartitionNumber]] = Field(default_factory=dict)
+
+    @field_validator("partitions")
+    @classmethod
+    def _distinct_partitions(cls, value: dict[Tier, list[int]]) -> dict[Tier, list[int]]:
+        for tier, numbers in value.items():
+            if len(set(numbers)) != len(numbers):
+                raise ValueError(f"partitions of tier {tier.value} repeat: {numbers}")
+        return value
 
 
 class DeadLetter(_Event):

@@ -19,13 +19,13 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import faust
 from aiokafka import AIOKafkaProducer, ConsumerRecord
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from faust.types import EventT
 from opentelemetry.trace import SpanKind
@@ -34,6 +34,7 @@ from gpu_inference.affinity import WorkerView, route_partition, route_shortest_q
 from gpu_inference.artifacts import ArtifactError, ArtifactStore
 from schemas.errors import ConfigurationError, EventDecodeError
 from schemas.events import (
+    AttemptCancel,
     AttemptClaim,
     AttemptDispatched,
     AttemptFinished,
@@ -112,6 +113,9 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = "coordinator"
 # Seconds before the same cancellation is published again.
 CANCEL_REPEAT_S = 5.0
+# Seconds between reads of the attempt topics' partition counts, prompted by a status report
+# that names a partition beyond them.
+PARTITION_COUNTS_REFRESH_S = 10.0
 # Parsed flights kept beside the table. Older ones are parsed again at their next event.
 PARSED_FLIGHTS_MAX = 20_000
 # JobRejected.reason's maximum length; longer validation summaries are cut to fit.
@@ -244,9 +248,12 @@ class Coordinator:
         self._parsed: dict[str, tuple[dict[str, Any], FlightState]] = {}
         self._started_at = _utc_now()
         self._sweeps_sent: set[tuple[str, str, str]] = set()
-        self._cancels_sent: dict[tuple[str, int], float] = {}
+        self._cancels_sent: dict[tuple[str, int, str | None], float] = {}
         # Monotonic time of each flight's latest replan from a heartbeat.
         self._replanned_at: dict[str, float] = {}
+        # Partition count of each attempt topic, which status reports are checked against.
+        self._partition_counts: dict[str, int] = {}
+        self._partition_counts_at = float("-inf")
 
         self.app.agent(self.requests_topic, name="requests")(self._requests_agent)
         self.app.agent(self.events_topic, name="events")(self._events_agent)
@@ -298,18 +305,62 @@ class Coordinator:
             partitions = await topic_partitions(self.settings.kafka, topic)
             consumer.assign(partitions)
             await consumer.seek_to_end(*partitions)
+            await self._load_partition_counts()
             while True:
                 batches = await consumer.getmany(timeout_ms=500)
                 for records in batches.values():
                     for record in records:
                         try:
                             status = decode_event(record.value, WorkerStatus)
+                            await self._check_partitions(status)
                         except EventDecodeError as err:
                             await self._dead_letter_status(record, err)
                             continue
                         self.pool.observe(status)
         finally:
             await consumer.stop()
+
+    async def _load_partition_counts(self) -> None:
+        """Read how many partitions each tier's attempt topics have, to check status reports."""
+        names = [self.settings.topics.attempts(tier) for tier in Tier]
+        self._partition_counts_at = time.monotonic()
+        try:
+            described = await topic_partitions(self.settings.kafka, *names)
+        except KafkaError as err:
+            logger.warning("Failed to read the partition counts of the attempt topics; "
+                           "keeping the last ones: %s", err)
+            return
+        counts = dict.fromkeys(names, 0)
+        for partition in described:
+            counts[partition.topic] = max(counts[partition.topic], partition.partition + 1)
+        self._partition_counts = counts
+
+    async def _check_partitions(self, status: WorkerStatus) -> None:
+        """Raise EventDecodeError when a status names a partition its topic does not have.
+
+        The coordinator sends attempts to the partitions a worker reports, and the producer
+        fails on one that does not exist. Topics may have been created or grown since the
+        counts were read, so they are read again first, at most every
+        ``PARTITION_COUNTS_REFRESH_S``.
+        """
+        reason = self._unknown_partition(status)
+        if reason is None:
+            return
+        if time.monotonic() - self._partition_counts_at >= PARTITION_COUNTS_REFRESH_S:
+            await self._load_partition_counts()
+            reason = self._unknown_partition(status)
+        if reason is not None:
+            raise EventDecodeError(reason, error_type="unknown_partition")
+
+    def _unknown_partition(self, status: WorkerStatus) -> str | None:
+        for tier, numbers in status.partitions.items():
+            topic = self.settings.topics.attempts(tier)
+            count = self._partition_counts.get(topic, 0)
+            beyond = [number for number in numbers if number >= count]
+            if beyond:
+                return (f"worker {status.worker_id} reports partitions {beyond} of topic "
+                        f"{topic}, which has {count} partitions")
+        return None
 
     async def _dead_letter_status(self, record: ConsumerRecord[bytes, bytes],
                                   error: EventDecodeError) -> None:
@@ -737,6 +788,8 @@ class Coordinator:
         record = flight.attempts.get(started.attempt_id)
         if record is None or record.epoch != started.epoch or record.phase != "running":
             return
+        if record.worker_id != started.worker_id:
+            return
         job = flight.jobs[record.job_id]
         live_for_job = sum(1 for other in flight.live_attempts() if other.job_id == job.job_id)
         self.liveness.started(
@@ -858,20 +911,26 @@ class Coordinator:
     # ---- publishing ---------------------------------------------------------------------------
 
     async def _publish(self, flight: FlightState, decision: Decision,
-                       routed: Iterable[_Routed]) -> None:
+                       routed: Sequence[_Routed]) -> None:
         """Send a stored decision's events, with its dispatches as ``_route`` prepared them."""
         for claim in decision.claims:
             await self._send_claim_decision(claim)
         for cancel in decision.cancel:
             # Heartbeats of an attempt being cancelled ask again; one repeat per interval
             # is enough for a worker that missed the first message.
-            marker = (cancel.attempt_id, cancel.epoch)
+            # The worker is part of the marker, so stopping a worker without the lease does
+            # not hold back a later cancel of the holder's run.
+            marker = (cancel.attempt_id, cancel.epoch, cancel.worker_id)
             now_s = time.monotonic()
             if now_s - self._cancels_sent.get(marker, -CANCEL_REPEAT_S) < CANCEL_REPEAT_S:
                 continue
             self._cancels_sent[marker] = now_s
             if len(self._cancels_sent) > 100_000:
                 self._cancels_sent.pop(next(iter(self._cancels_sent)))
+            if _stops_intruder(flight, cancel):
+                # The holder's run goes on, so its lease, watch and queue entry stay.
+                await self._send_cancel(cancel)
+                continue
             # A running attempt keeps its slot until its finish arrives.
             self.pool.dequeued(cancel.attempt_id)
             self.liveness.finished(cancel.attempt_id)
@@ -879,12 +938,14 @@ class Coordinator:
             # A re-dispatch in the same decision may hold a newer epoch's lease already.
             if renewal is not None and renewal[0] <= cancel.epoch:
                 del self._renewals[cancel.attempt_id]
-            await self.control_topic.send(
-                key=(cancel.worker_id or cancel.attempt_id).encode(), value=encode_event(cancel))
-            logger.info("Cancelling attempt %s of job %s (%s): %s", cancel.attempt_id,
-                        cancel.job_id,
-                        f"on worker {cancel.worker_id}" if cancel.worker_id else "not claimed yet",
-                        cancel.reason)
+            await self._send_cancel(cancel)
+        if any(dispatch.attempt.granted_to is not None for dispatch in routed):
+            # A worker runs a granted attempt without a claim, so the grant must reach the
+            # changelog first. A restarted coordinator that lost it would grant the same
+            # epoch to another worker when it processes the input again.
+            # NOTE: faust 0.15.3 stops draining its table buffer after 0.1 s without a send,
+            # so a producer stalled that long may still send the dispatch first.
+            await self.app.producer.flush()
         for dispatch in routed:
             await self._send_attempt(flight, dispatch)
         for attempt, retry_no in decision.retry:
@@ -898,6 +959,14 @@ class Coordinator:
                                             value=encode_event(delivered))
             logger.info("Job %s is %s%s", delivered.job_id, delivered.status,
                         f": {delivered.reason}" if delivered.reason else "")
+
+    async def _send_cancel(self, cancel: AttemptCancel) -> None:
+        await self.control_topic.send(
+            key=(cancel.worker_id or cancel.attempt_id).encode(), value=encode_event(cancel))
+        logger.info("Cancelling attempt %s (epoch %d) of job %s (%s): %s", cancel.attempt_id,
+                    cancel.epoch, cancel.job_id,
+                    f"on worker {cancel.worker_id}" if cancel.worker_id else "not claimed yet",
+                    cancel.reason)
 
     async def _send_claim_decision(self, claim: ClaimDecision) -> None:
         # A granted attempt waits at its worker until it starts there.
@@ -1141,6 +1210,14 @@ class Coordinator:
                                attempt_id=attempt_id)
         if expire:
             yield JobSweep(job_id=any_job, job_key=job_key, action="expire")
+
+
+def _stops_intruder(flight: FlightState, cancel: AttemptCancel) -> bool:
+    """Check whether a cancel stops a worker that runs the current epoch without its lease."""
+    record = flight.attempts.get(cancel.attempt_id)
+    return (record is not None and record.epoch == cancel.epoch
+            and record.worker_id is not None and cancel.worker_id is not None
+            and record.worker_id != cancel.worker_id)
 
 
 def _count_admission(request: JobRequested, verdict: str, *, rejected: bool) -> None:

@@ -317,10 +317,14 @@ class FlightState(BaseModel):
         return record.lease_expires_at
 
     def on_started(self, event: AttemptStarted) -> Decision:
+        """Mark the attempt running on the worker that started it, or stop a run without
+        the lease, which is a stale epoch's run or one on a worker other than the holder."""
         record = self.attempts.get(event.attempt_id)
         if record is None or event.epoch != record.epoch:
             return self._cancel_stale(event.attempt_id, event.job_id, event.epoch,
                                       event.worker_id)
+        if record.worker_id not in (None, event.worker_id):
+            return self._cancel_intruder(record, event.worker_id)
         if record.phase == "dispatched":
             record.phase = "running"
             record.worker_id = event.worker_id
@@ -334,9 +338,24 @@ class FlightState(BaseModel):
         if record is None or event.epoch != record.epoch:
             return self._cancel_stale(event.attempt_id, event.job_id, event.epoch,
                                       event.worker_id)
+        if record.worker_id not in (None, event.worker_id):
+            return self._cancel_intruder(record, event.worker_id)
         if record.phase == "cancelled":
             return Decision(cancel=[self._cancel_event(record, record.cancel_reason or "")])
         return Decision()
+
+    def _cancel_intruder(self, record: AttemptRecord, worker_id: str) -> Decision:
+        """Stop the run of a worker that runs the current epoch without holding its lease.
+
+        That happens when a lease granted with a dispatch was lost with a coordinator crash
+        and granted again to another worker. The holder keeps running, so the cancel names
+        only the intruding worker.
+        """
+        return Decision(cancel=[AttemptCancel(
+            attempt_id=record.attempt_id, job_id=record.job_id, job_key=self.job_key,
+            epoch=record.epoch, worker_id=worker_id,
+            reason=f"lease held by {record.worker_id}",
+        )])
 
     def _cancel_stale(self, attempt_id: str, job_id: str, epoch: int,
                       worker_id: str) -> Decision:

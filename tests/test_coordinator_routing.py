@@ -3,14 +3,21 @@ from the workers' status reports alone."""
 
 from __future__ import annotations
 
+import json
+import time
 from datetime import timedelta
 
+import pytest
+
+from schemas.errors import EventDecodeError
 from schemas.events import (
+    MAX_PARTITION,
     AttemptDispatched,
     GenerationParams,
     JobRequested,
     Tier,
     WorkerStatus,
+    decode_event,
     utc_now,
 )
 from streams.config import CoordinatorSettings, KafkaSettings, Settings
@@ -85,3 +92,33 @@ def test_no_lease_without_free_slot() -> None:
 
         assert [item.attempt.granted_to for item in routed] == [None, None]
         assert all(record.worker_id is None for record in flight.attempts.values())
+
+
+async def test_status_beyond_topic_partitions_rejected() -> None:
+    coordinator = _coordinator()
+    topics = coordinator.settings.topics
+    coordinator._partition_counts = {topics.attempts(Tier.STANDARD): 6}
+    # Counts just read are not read again, so no broker is needed.
+    coordinator._partition_counts_at = time.monotonic()
+
+    await coordinator._check_partitions(WorkerStatus(
+        worker_id="w", slots=1, busy=0, partitions={Tier.STANDARD: [5]}))
+    odd = [
+        WorkerStatus(worker_id="w", slots=1, busy=0, partitions={Tier.STANDARD: [6]}),
+        WorkerStatus(worker_id="w", slots=1, busy=0, partitions={Tier.STANDARD: [0, 40]}),
+        # No partition of the batch tier's topic is known.
+        WorkerStatus(worker_id="w", slots=1, busy=0, partitions={Tier.BATCH: [0]}),
+    ]
+    for status in odd:
+        with pytest.raises(EventDecodeError, match="reports partitions") as raised:
+            await coordinator._check_partitions(status)
+        assert raised.value.error_type == "unknown_partition"
+
+
+@pytest.mark.parametrize("numbers", [[-1], [1, 1], [MAX_PARTITION + 1]])
+def test_status_with_invalid_partitions_rejected(numbers: list[int]) -> None:
+    status = WorkerStatus(worker_id="w", slots=1, busy=0).model_dump(mode="json")
+    value = json.dumps({**status, "partitions": {"standard": numbers}}).encode()
+
+    with pytest.raises(EventDecodeError):
+        decode_event(value, WorkerStatus)

@@ -12,6 +12,7 @@ from schemas.events import (
     AttemptClaim,
     AttemptDispatched,
     AttemptFinished,
+    AttemptProgress,
     AttemptStarted,
     AttemptStatus,
     GenerationParams,
@@ -570,3 +571,62 @@ def test_surplus_cancelled_when_pool_busy() -> None:
     result = _score(flight, first, True, limits=ADAPTIVE, pool=pool)
 
     assert [cancel.attempt_id for cancel in result.cancel] == [second.attempt_id]
+
+
+def _started(attempt: AttemptDispatched, worker: str) -> AttemptStarted:
+    return AttemptStarted(attempt_id=attempt.attempt_id, job_id=attempt.job_id,
+                          job_key=attempt.job_key, epoch=attempt.epoch, worker_id=worker)
+
+
+def test_start_without_lease_is_cancelled() -> None:
+    flight, decision = _admit(_request(slots=1))
+    attempt = decision.dispatch[0]
+    flight.grant_at_dispatch(attempt.attempt_id, attempt.epoch, "w1", NOW, SEQUENTIAL)
+
+    # w2 runs the same epoch on a lease the table no longer records, as after a crash.
+    intruder = flight.on_started(_started(attempt, "w2"))
+
+    assert [cancel.worker_id for cancel in intruder.cancel] == ["w2"]
+    assert intruder.cancel[0].epoch == attempt.epoch
+    record = flight.attempts[attempt.attempt_id]
+    assert record.worker_id == "w1"
+    assert record.phase == "dispatched"
+    assert flight.on_started(_started(attempt, "w1")).cancel == []
+    assert flight.attempts[attempt.attempt_id].phase == "running"
+
+
+def test_start_after_holder_started_is_cancelled() -> None:
+    flight, decision = _admit(_request(slots=1))
+    attempt = decision.dispatch[0]
+    assert _claim(flight, attempt, "w1")
+    flight.on_started(_started(attempt, "w1"))
+
+    late = flight.on_started(_started(attempt, "w2"))
+
+    assert [cancel.worker_id for cancel in late.cancel] == ["w2"]
+    assert flight.attempts[attempt.attempt_id].worker_id == "w1"
+
+
+def test_progress_without_lease_is_cancelled() -> None:
+    flight, decision = _admit(_request(slots=1))
+    attempt = decision.dispatch[0]
+    assert _claim(flight, attempt, "w1")
+    flight.on_started(_started(attempt, "w1"))
+
+    def progress(worker: str) -> AttemptProgress:
+        return AttemptProgress(attempt_id=attempt.attempt_id, job_id=attempt.job_id,
+                               job_key=attempt.job_key, epoch=attempt.epoch, worker_id=worker,
+                               step=1, total_steps=10)
+
+    assert [cancel.worker_id for cancel in flight.on_progress(progress("w2")).cancel] == ["w2"]
+    assert flight.on_progress(progress("w1")).cancel == []
+
+
+def test_start_of_unheld_attempt_accepted() -> None:
+    flight, decision = _admit(_request(slots=1))
+    attempt = decision.dispatch[0]
+
+    # A table that lost the grant has no holder, so the worker that started becomes it.
+    assert flight.on_started(_started(attempt, "w2")).cancel == []
+    assert flight.attempts[attempt.attempt_id].worker_id == "w2"
+    assert not _claim(flight, attempt, "w1")

@@ -218,27 +218,31 @@ async def test_worker_runs_attempts_end_to_end(settings: Settings) -> None:
 async def test_dispatch_lease_skips_claim(settings: Settings) -> None:
     settings = _with_worker(settings, worker_id="w-granted")
     now = utc_now()
+    lease_s = settings.coordinator.lease_s
     granted = _dispatch(job_key="acme:granted").model_copy(update={
-        "granted_to": "w-granted", "lease_expires_at": now + timedelta(seconds=60)})
+        "granted_to": "w-granted", "lease_expires_at": now + timedelta(seconds=lease_s)})
     elsewhere = _dispatch(job_key="acme:elsewhere").model_copy(update={
-        "granted_to": "w-other", "lease_expires_at": now + timedelta(seconds=60)})
+        "granted_to": "w-other", "lease_expires_at": now + timedelta(seconds=lease_s)})
     # Less lease left than the margin, so the worker claims it before it runs.
     running_out = _dispatch(job_key="acme:running-out").model_copy(update={
         "granted_to": "w-granted",
         "lease_expires_at": now + timedelta(seconds=worker.LEASE_MARGIN_S / 2)})
+    # Longer than any lease the coordinator grants, so the worker does not trust it.
+    far_future = _dispatch(job_key="acme:far-future").model_copy(update={
+        "granted_to": "w-granted", "lease_expires_at": now + timedelta(days=365)})
 
     async with TopicReader(settings.kafka, settings.topics.coordinator_events) as events:
         async with _running(worker.run, settings):
-            for attempt in (granted, elsewhere, running_out):
+            for attempt in (granted, elsewhere, running_out, far_future):
                 await _send(settings, attempt)
-            await events.wait_for(_count_finished(3), timeout_s=120)
+            await events.wait_for(_count_finished(4), timeout_s=120)
 
     claimed = {record.key for record in events.records
                if b'"attempt.claim"' in (record.value or b"")}
-    assert claimed == {b"acme:elsewhere", b"acme:running-out"}
+    assert claimed == {b"acme:elsewhere", b"acme:running-out", b"acme:far-future"}
     finished = {event.attempt_id: event for event in _finished(events.records)}
     assert all(finished[attempt.attempt_id].status == AttemptStatus.SUCCEEDED
-               for attempt in (granted, elsewhere, running_out))
+               for attempt in (granted, elsewhere, running_out, far_future))
 
 
 async def test_heartbeats_throttled_by_interval(settings: Settings) -> None:
