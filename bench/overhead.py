@@ -495,11 +495,11 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"{stream['jobs']} jobs at {parameters['load']:.0%} of that rate "
         f"({stream['offered_jobs_per_s']:.1f} jobs/s), timed from event timestamps of one "
         "machine's clock. request_to_claim runs from the job's request to the start of each "
-        "of its first K attempts (a worker starts an attempt once it holds its lease, "
-        "granted with the dispatch or on its claim); "
-        "finish_to_fill from the finish of a job's last delivered attempt to the job's "
-        "completion, when the coordinator filled that slot (post-processing included); "
-        "complete_to_ack from the completion to the delivery consumer's acknowledgement.",
+        "of its first K attempts. A worker starts an attempt once it holds its lease, "
+        "granted with the dispatch or on its claim. finish_to_fill runs from the finish of "
+        "a job's last delivered attempt to the job's completion, when the coordinator "
+        "filled that slot (post-processing included). complete_to_ack runs from the "
+        "completion to the delivery consumer's acknowledgement.",
     ]
     for paragraph in paragraphs:
         lines += [wrap(paragraph), ""]

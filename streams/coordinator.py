@@ -988,9 +988,9 @@ class Coordinator:
 
     def _affinity_partition(self, attempt: AttemptDispatched
                             ) -> tuple[str | None, int | None, bool]:
-        """Worker and partition of the attempt's tier topic, and whether that worker is free:
-        the worker that affinity picks or, with no worker free, the one with the shortest
-        queue. A partition of None lets the default partitioner choose.
+        """Pick the worker and partition of the attempt's tier topic, and report whether that
+        worker is free. Affinity picks the worker or, with no worker free, the one with the
+        shortest queue. A partition of None lets the default partitioner choose.
 
         Re-dispatches (epoch above 1) keep the default partitioner, so an attempt that hung on
         a worker with its model warm is not sent straight back to it.

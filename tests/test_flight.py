@@ -595,11 +595,17 @@ def test_start_without_lease_is_cancelled() -> None:
     assert flight.attempts[attempt.attempt_id].phase == "running"
 
 
-def test_start_after_holder_started_is_cancelled() -> None:
+def _running_on_w1() -> tuple[FlightState, AttemptDispatched]:
+    """Admit a one-slot job whose attempt w1 claimed and started."""
     flight, decision = _admit(_request(slots=1))
     attempt = decision.dispatch[0]
     assert _claim(flight, attempt, "w1")
     flight.on_started(_started(attempt, "w1"))
+    return flight, attempt
+
+
+def test_start_after_holder_started_is_cancelled() -> None:
+    flight, attempt = _running_on_w1()
 
     late = flight.on_started(_started(attempt, "w2"))
 
@@ -608,10 +614,7 @@ def test_start_after_holder_started_is_cancelled() -> None:
 
 
 def test_progress_without_lease_is_cancelled() -> None:
-    flight, decision = _admit(_request(slots=1))
-    attempt = decision.dispatch[0]
-    assert _claim(flight, attempt, "w1")
-    flight.on_started(_started(attempt, "w1"))
+    flight, attempt = _running_on_w1()
 
     def progress(worker: str) -> AttemptProgress:
         return AttemptProgress(attempt_id=attempt.attempt_id, job_id=attempt.job_id,
