@@ -927,7 +927,7 @@ class Coordinator:
             self._cancels_sent[marker] = now_s
             if len(self._cancels_sent) > 100_000:
                 self._cancels_sent.pop(next(iter(self._cancels_sent)))
-            if _stops_intruder(flight, cancel):
+            if flight.stops_intruder(cancel):
                 # The holder's run goes on, so its lease, watch and queue entry stay.
                 await self._send_cancel(cancel)
                 continue
@@ -1210,14 +1210,6 @@ class Coordinator:
                                attempt_id=attempt_id)
         if expire:
             yield JobSweep(job_id=any_job, job_key=job_key, action="expire")
-
-
-def _stops_intruder(flight: FlightState, cancel: AttemptCancel) -> bool:
-    """Check whether a cancel stops a worker that runs the current epoch without its lease."""
-    record = flight.attempts.get(cancel.attempt_id)
-    return (record is not None and record.epoch == cancel.epoch
-            and record.worker_id is not None and cancel.worker_id is not None
-            and record.worker_id != cancel.worker_id)
 
 
 def _count_admission(request: JobRequested, verdict: str, *, rejected: bool) -> None:

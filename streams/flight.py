@@ -357,6 +357,13 @@ class FlightState(BaseModel):
             reason=f"lease held by {record.worker_id}",
         )])
 
+    def stops_intruder(self, cancel: AttemptCancel) -> bool:
+        """Check whether a cancel stops a worker that runs the current epoch without its lease."""
+        record = self.attempts.get(cancel.attempt_id)
+        return (record is not None and record.epoch == cancel.epoch
+                and record.worker_id is not None and cancel.worker_id is not None
+                and record.worker_id != cancel.worker_id)
+
     def _cancel_stale(self, attempt_id: str, job_id: str, epoch: int,
                       worker_id: str) -> Decision:
         return Decision(cancel=[AttemptCancel(

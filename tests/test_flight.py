@@ -588,6 +588,7 @@ def test_start_without_lease_is_cancelled() -> None:
 
     assert [cancel.worker_id for cancel in intruder.cancel] == ["w2"]
     assert intruder.cancel[0].epoch == attempt.epoch
+    assert flight.stops_intruder(intruder.cancel[0])
     record = flight.attempts[attempt.attempt_id]
     assert record.worker_id == "w1"
     assert record.phase == "dispatched"
