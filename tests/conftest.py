@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,31 @@ from streams.config import (
 from streams.kafka import create_topics
 
 TEST_PARTITIONS = 3
+# Lines of each service log shown in a failed test's report, so a CI failure can be
+# diagnosed without the machine it ran on.
+LOG_TAIL_LINES = 80
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item,
+                               call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    """Attach the end of each service log under a failed test's tmp_path to its report."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    tmp_path = getattr(item, "funcargs", {}).get("tmp_path")
+    if not isinstance(tmp_path, Path):
+        return
+    for log_path in sorted(tmp_path.glob("**/*.log")):
+        try:
+            lines = log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        report.sections.append((
+            f"service log {log_path.relative_to(tmp_path)} (last {LOG_TAIL_LINES} lines)",
+            "\n".join(lines[-LOG_TAIL_LINES:]),
+        ))
 
 
 @pytest.fixture(scope="session")

@@ -91,7 +91,7 @@ async def test_pipeline_runs_with_credentials(scram_broker: KafkaBroker,
 async def test_redacted_prompt_never_stored(settings, service_env: dict[str, str],
                                             tmp_path: Path, redact: bool) -> None:
     from infra.clickhouse import open_client
-    from streams.kafka import group_lag
+    from streams.kafka import group_partition_lags
 
     secret_prompt = "penthouse plan for the ceo of initech"
     group = ProcessGroup(tmp_path / "logs", {
@@ -109,13 +109,17 @@ async def test_redacted_prompt_never_stored(settings, service_env: dict[str, str
                 TopicReader(settings.kafka, settings.topics.attempts(Tier.STANDARD)) as attempts:
             await client.submit(request)
             await attempts.wait_for(lambda seen: len(seen) >= 1, timeout_s=120)
-        group.stop(group.processes[0])
-        for _ in range(120):
-            lag = await group_lag(settings.kafka, settings.clickhouse.sink_group_id,
-                                  settings.topics.spans)
-            if lag == 0:
+        assert group.stop(group.processes[0]) == 0
+        # The sink has stored every span once its group has committed up to the end of
+        # each partition. The wait is long because the sink starts slowly on a loaded machine.
+        lags: dict[object, int] = {}
+        for _ in range(360):
+            lags = await group_partition_lags(settings.kafka, settings.clickhouse.sink_group_id,
+                                              [settings.topics.spans])
+            if lags and not any(lags.values()):
                 break
             await asyncio.sleep(0.5)
+        assert lags and not any(lags.values()), f"span sink still behind: {lags}"
     finally:
         await asyncio.to_thread(group.stop_all, 15)
     assert not sink.alive()
