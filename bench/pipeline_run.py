@@ -33,6 +33,7 @@ from aiokafka.errors import KafkaError
 
 from infra.kafka_broker import DEFAULT_LIBS_DIR
 from schemas.events import (
+    AttemptDispatched,
     AttemptFinished,
     AttemptStarted,
     DeliveryAck,
@@ -163,6 +164,8 @@ class AttemptLog:
 
     started: list[AttemptStarted] = field(default_factory=list)
     finished: list[AttemptFinished] = field(default_factory=list)
+    # From the attempts topics, read only when the caller names them.
+    dispatched: list[AttemptDispatched] = field(default_factory=list)
     scored: list[ResultScored] = field(default_factory=list)
     acks: list[DeliveryAck] = field(default_factory=list)
 
@@ -323,7 +326,8 @@ class PipelineRun:
         deadline = time.monotonic() + settle_timeout_s
         while True:
             log = await read_attempt_log(self.settings.kafka,
-                                         self.settings.topics.coordinator_events, job_ids)
+                                         self.settings.topics.coordinator_events, job_ids,
+                                         dispatch_topics=list(self.settings.topics.attempt_topics))
             lag = 0
             for topic in self.settings.topics.attempt_topics:
                 lag += await group_lag(self.settings.kafka, self.settings.worker.group_id,
@@ -386,13 +390,14 @@ async def _group_members(admin: AIOKafkaAdminClient, group_id: str) -> tuple[int
     return 0, "Dead"
 
 
-async def read_attempt_log(kafka: KafkaSettings, topic: str, job_ids: set[str]) -> AttemptLog:
-    """Read the coordinator events topic from its start to its current end."""
+async def read_attempt_log(kafka: KafkaSettings, topic: str, job_ids: set[str], *,
+                           dispatch_topics: Sequence[str] = ()) -> AttemptLog:
+    """Read the coordinator events topic, and any ``dispatch_topics``, from start to end."""
     log = AttemptLog()
     consumer = make_consumer(kafka, group_id=None, max_poll_records=5_000)
     await consumer.start()
     try:
-        partitions = await topic_partitions(kafka, topic)
+        partitions = await topic_partitions(kafka, topic, *dispatch_topics)
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
@@ -424,6 +429,10 @@ def _collect(log: AttemptLog, value: bytes | None, job_ids: set[str]) -> None:
         scored = decode_event(value, ResultScored)
         if scored.job_id in job_ids:
             log.scored.append(scored)
+    elif b'"attempt.dispatched"' in value:
+        dispatched = decode_event(value, AttemptDispatched)
+        if dispatched.job_id in job_ids:
+            log.dispatched.append(dispatched)
     elif b'"delivery.ack"' in value:
         ack = decode_event(value, DeliveryAck)
         if ack.job_id in job_ids:

@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ from bench.suite_support import (
     unique_job_schedule,
     wrap,
 )
-from schemas.events import AttemptFinished, AttemptStatus, JobRequested
+from schemas.events import AttemptDispatched, AttemptFinished, AttemptStatus, JobRequested
 from streams.config import LOCAL_DIR, CoordinatorSettings, SimulationSettings
 from streams.racing import RacingPolicy
 from streams.trace_replay import (
@@ -396,7 +397,68 @@ def _attempt_metrics(ended: Sequence[JobOutcome], log: AttemptLog) -> dict[str, 
         "measured_acceptance": (sum(verdicts.values()) / len(verdicts)) if verdicts else None,
         "succeeded_service_p50_s": p50_service_s,
         "succeeded_service_p99_s": p99_service_s,
+        "queue_wait_ms": queue_waits(log),
+        "slowest_jobs": slowest_jobs(ended, log),
     }
+
+
+def _first_starts(log: AttemptLog) -> dict[tuple[str, int], datetime]:
+    """Return when each (attempt, epoch) first started on any worker."""
+    starts: dict[tuple[str, int], datetime] = {}
+    for event in log.started:
+        key = (event.attempt_id, event.epoch)
+        if key not in starts or event.started_at < starts[key]:
+            starts[key] = event.started_at
+    return starts
+
+
+def _wait_ms(log: AttemptLog) -> list[tuple[AttemptDispatched, float]]:
+    """Pair each started dispatch with its wait from dispatch to first start, in ms."""
+    starts = _first_starts(log)
+    return [(event, (starts[key] - event.dispatched_at).total_seconds() * 1000)
+            for event in log.dispatched
+            if (key := (event.attempt_id, event.epoch)) in starts]
+
+
+def queue_waits(log: AttemptLog) -> dict[str, dict[str, Any]]:
+    """Measure dispatch-to-start waits of first attempts and of follow-ups separately.
+
+    Dispatch and start times come from the coordinator's and the workers' clocks, which
+    are one clock when every process runs on one machine, as here.
+    """
+    waits: dict[str, list[float]] = {"first": [], "followup": []}
+    for event, wait_ms in _wait_ms(log):
+        waits["followup" if event.followup else "first"].append(wait_ms)
+    return {kind: {"count": len(values), "p50_ms": percentile(values, 50),
+                   "p99_ms": percentile(values, 99), "max_ms": max(values, default=None)}
+            for kind, values in waits.items()}
+
+
+def slowest_jobs(ended: Sequence[JobOutcome], log: AttemptLog,
+                 count: int = 3) -> list[dict[str, Any]]:
+    """Describe the ``count`` slowest jobs: their attempts, fallbacks and longest queue wait."""
+    by_job: dict[str, list[tuple[AttemptDispatched, float]]] = collections.defaultdict(list)
+    for event, wait_ms in _wait_ms(log):
+        by_job[event.job_id].append((event, wait_ms))
+    dispatches = collections.Counter(event.job_id for event in log.dispatched)
+    followups = collections.Counter(event.job_id for event in log.dispatched if event.followup)
+    timed = [outcome for outcome in ended if outcome.latency_s is not None]
+    timed.sort(key=lambda outcome: outcome.latency_s or 0.0, reverse=True)
+    described = []
+    for outcome in timed[:count]:
+        completed = outcome.completed
+        waits = [wait_ms for _, wait_ms in by_job.get(outcome.job_id, [])]
+        described.append({
+            "job_id": outcome.job_id,
+            "latency_s": outcome.latency_s,
+            "attempts_dispatched": dispatches[outcome.job_id],
+            "followups_dispatched": followups[outcome.job_id],
+            "attempts_charged": completed.attempts if completed is not None else None,
+            "fallback_slots": (sum(1 for slot in completed.slots if slot.fallback)
+                               if completed is not None else None),
+            "max_queue_wait_ms": max(waits, default=None),
+        })
+    return described
 
 
 # ---- cache run -----------------------------------------------------------------------------
@@ -717,7 +779,9 @@ def _setup_paragraphs(setup: dict[str, Any]) -> list[str]:
         "and failed attempts included) over the slots delivered. Wasted GPU is the share of "
         "those seconds spent on attempts whose image no job delivered. Duplicates counts "
         "attempts started by two workers under one epoch or running on two workers at "
-        "overlapping times, read from the coordinator events topic. Load avg is the "
+        "overlapping times, read from the coordinator events topic. Wait is the time from "
+        "an attempt's dispatch to its first start on a worker, for first attempts and for "
+        "follow-ups (retries, replacements and re-dispatches). Load avg is the "
         "machine's 1-minute load average when the replay ended. With "
         f"{setup['cpu_count']} CPUs, values well above {setup['cpu_count']} mean that other "
         "work competed with the pipeline during that run.",
@@ -728,8 +792,8 @@ def _results_table(results: dict[str, dict[str, Any]]) -> list[str]:
     lines = [
         "| load | policy | jobs | completed / partial / failed | p50 job (s) | p99 job (s) "
         "| p99 / best fixed | GPU s per delivered slot | wasted GPU | duplicates "
-        "| fallback slots | attempts per job | load avg |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| fallback slots | attempts per job | wait p99 first / follow-up (ms) | load avg |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for key, by_policy in results.items():
         fixed = [by_policy[name]["p99_job_s"] for name in ("sequential", "fixed_race")
@@ -746,9 +810,16 @@ def _results_table(results: dict[str, dict[str, Any]]) -> list[str]:
                 f"| {format_number(item['wasted_gpu_fraction'], 3)} "
                 f"| {item['duplicate_executions']} | {item['fallback_slots']} "
                 f"| {format_number(item['mean_attempts_per_job'], 1)} "
+                f"| {_wait_cell(item.get('queue_wait_ms'))} "
                 f"| {format_number(item.get('load_average_1m'), 1)} |"
             )
     return lines
+
+
+def _wait_cell(waits: dict[str, dict[str, Any]] | None) -> str:
+    if not waits:
+        return "n/a"
+    return " / ".join(format_number(waits[kind]["p99_ms"], 0) for kind in ("first", "followup"))
 
 
 def _cache_section(cache: dict[str, Any], setup: dict[str, Any]) -> list[str]:

@@ -26,9 +26,11 @@ from bench.racing_sim import (
 )
 from infra.kafka_broker import KafkaBroker
 from schemas.events import (
+    AttemptDispatched,
     AttemptFinished,
     AttemptStarted,
     AttemptStatus,
+    GenerationParams,
     JobCompleted,
     JobRequested,
     JobStatus,
@@ -51,6 +53,15 @@ def _finished(attempt_id: str, worker_id: str, at_s: float, gpu_s: float, epoch:
     return AttemptFinished(attempt_id=attempt_id, job_id="job", job_key="k", epoch=epoch,
                            worker_id=worker_id, status=status, slot=0, gpu_s=gpu_s,
                            emitted_at=T0 + timedelta(seconds=at_s))
+
+
+def _dispatched(attempt_id: str, at_s: float, followup: bool = False,
+                epoch: int = 1) -> AttemptDispatched:
+    return AttemptDispatched(
+        attempt_id=attempt_id, job_id="job", job_key="k", tenant_id="t", slot=0, attempt_no=1,
+        epoch=epoch, params=GenerationParams(model="M0", prompt="p", steps=4), seed=1,
+        tier=Tier.STANDARD, dispatched_at=T0 + timedelta(seconds=at_s),
+        deadline_at=T0 + timedelta(seconds=60), followup=followup)
 
 
 def _row(user: str, arrival_s: float = 0.0, slots: int = 1) -> TraceRequest:
@@ -91,6 +102,54 @@ def test_duplicates_overlap_across_epochs() -> None:
     [duplicate] = duplicate_executions(log)
     assert duplicate.overlapping
     assert not duplicate.same_epoch
+
+
+def test_queue_waits_split_by_kind() -> None:
+    # The re-dispatch under epoch 2 waits from its own dispatch, and the attempt that
+    # never started has no wait.
+    log = AttemptLog(
+        dispatched=[_dispatched("a-1", 0.0), _dispatched("a-2", 0.0),
+                    _dispatched("a-3", 1.0, followup=True),
+                    _dispatched("a-3", 4.0, followup=True, epoch=2),
+                    _dispatched("a-4", 1.0, followup=True)],
+        started=[_started("a-1", "w1", 0.1), _started("a-2", "w2", 0.3),
+                 _started("a-3", "w1", 1.5), _started("a-3", "w2", 4.2, epoch=2),
+                 _started("a-3", "w1", 6.0, epoch=2)],
+    )
+
+    waits = racing.queue_waits(log)
+
+    assert waits["first"]["count"] == 2
+    assert waits["first"]["max_ms"] == pytest.approx(300.0)
+    assert waits["followup"]["count"] == 2
+    assert waits["followup"]["max_ms"] == pytest.approx(500.0)
+    assert waits["followup"]["p50_ms"] == pytest.approx(350.0)
+
+
+def test_slowest_jobs_describe_tail() -> None:
+    completed = JobCompleted(
+        job_id="job", job_key="k", tenant_id="t", user_id="u", status=JobStatus.COMPLETED,
+        requested_slots=1, attempts=2, tier=Tier.STANDARD, requested_at=T0,
+        slots=[SlotResult(slot=0, attempt_id="a-2", artifact_uri="file:///x", score=0.4,
+                          fallback=True)],
+    )
+    slow = JobOutcome("job", 1, submitted_s=0.0, ended_s=5.0, status="completed",
+                      completed=completed)
+    fast = JobOutcome("other", 1, submitted_s=0.0, ended_s=1.0, status="completed")
+    log = AttemptLog(
+        dispatched=[_dispatched("a-1", 0.0), _dispatched("a-2", 1.0, followup=True)],
+        started=[_started("a-1", "w1", 0.2), _started("a-2", "w1", 3.0)],
+    )
+
+    [first, second] = racing.slowest_jobs([fast, slow], log, count=2)
+
+    assert first["job_id"] == "job"
+    assert first["attempts_dispatched"] == 2
+    assert first["followups_dispatched"] == 1
+    assert first["fallback_slots"] == 1
+    assert first["max_queue_wait_ms"] == pytest.approx(2000.0)
+    assert second["job_id"] == "other"
+    assert second["attempts_charged"] is None
 
 
 def test_run_metrics_gpu_accounting() -> None:
