@@ -118,6 +118,8 @@ CANCEL_REPEAT_S = 5.0
 PARTITION_COUNTS_REFRESH_S = 10.0
 # Parsed flights kept beside the table. Older ones are parsed again at their next event.
 PARSED_FLIGHTS_MAX = 20_000
+# Completion sends remembered until their flight's next event; a forgotten one is sent again.
+MAX_OUTCOME_SENDS = 100_000
 # JobRejected.reason's maximum length; longer validation summaries are cut to fit.
 MAX_REJECTION_REASON_CHARS = 2_000
 Headers = list[tuple[str, bytes]]
@@ -249,6 +251,9 @@ class Coordinator:
         self._started_at = _utc_now()
         self._sweeps_sent: set[tuple[str, str, str]] = set()
         self._cancels_sent: dict[tuple[str, int, str | None], float] = {}
+        # Delivery of each completion event this process sent, until a later event of its
+        # flight records the acknowledgement in the table.
+        self._outcome_sends: dict[str, asyncio.Future[Any]] = {}
         # Monotonic time of each flight's latest replan from a heartbeat.
         self._replanned_at: dict[str, float] = {}
         # Partition count of each attempt topic, which status reports are checked against.
@@ -584,6 +589,7 @@ class Coordinator:
             span.set_attribute("slotforge.cache.slots", cached)
             if not duplicate:
                 CACHE_LOOKUPS.labels("hit" if cached else "miss").inc()
+            self._check_outcomes(flight, decision)
             routed = self._route(flight, decision)
             self._store(flight)
         if duplicate:
@@ -749,9 +755,36 @@ class Coordinator:
             if swept is None:
                 return
             decision = swept
+        self._check_outcomes(flight, decision)
         routed = self._route(flight, decision)
         self._store(flight)
         await self._publish(flight, decision, routed)
+
+    def _check_outcomes(self, flight: FlightState, decision: Decision) -> None:
+        """Record acknowledged completion events, and publish again those never sent here.
+
+        A job that ended in a crashed process may have its end stored in the table while
+        its completion event never left, so the event that ended it, read again, sends it.
+        """
+        deciding = {completed.job_id for completed in decision.completed}
+        for job_id in flight.unsent_outcomes():
+            if job_id in deciding:
+                continue
+            send = self._outcome_sends.get(job_id)
+            if send is not None and not send.done():
+                continue
+            reason = "this process has no record of sending it"
+            if send is not None:
+                del self._outcome_sends[job_id]
+                if not send.cancelled() and send.exception() is None:
+                    flight.outcome_sent(job_id)
+                    continue
+                error = "cancelled" if send.cancelled() else send.exception()
+                reason = f"its send failed: {error}"
+            completed = flight.completion_of(job_id)
+            if completed is not None:
+                logger.warning("Publishing the outcome of job %s again: %s", job_id, reason)
+                decision.completed.append(completed)
 
     def _is_straggler(self, progress: AttemptProgress) -> bool:
         """Check one heartbeat's attempt against its class's typical service time."""
@@ -1146,10 +1179,14 @@ class Coordinator:
             self.tracer, f"send {self.completed_topic.get_topic_name()}", "completion",
             parent=parent, kind=SpanKind.PRODUCER, attributes=attributes,
         ) as span:
-            await self.completed_topic.send(
+            sent = await self.completed_topic.send(
                 key=completed.job_id.encode(), value=encode_event(completed),
                 headers=inject_headers(span),
             )
+        # faust returns a future here already, so this wraps nothing.
+        self._outcome_sends[completed.job_id] = asyncio.ensure_future(sent)
+        if len(self._outcome_sends) > MAX_OUTCOME_SENDS:
+            del self._outcome_sends[next(iter(self._outcome_sends))]
         logger.info(
             "Job %s ended %s with %d/%d slots (%d fallback, %d cached) after %d attempts%s",
             completed.job_id, completed.status.value, len(completed.slots),

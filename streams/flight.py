@@ -168,6 +168,9 @@ class JobRecord(BaseModel):
     acks: dict[str, tuple[bool, str]] = Field(default_factory=dict)
     delivery: Literal["delivered", "delivery_failed"] | None = None
     retries: int = 0
+    # False from the job's end until the broker acknowledged its completion event, so a
+    # coordinator that crashed in between publishes the outcome again.
+    outcome_sent: bool = True
 
     @property
     def running(self) -> bool:
@@ -581,6 +584,8 @@ class FlightState(BaseModel):
         job = self.jobs.get(ack.job_id)
         if job is None or job.running or job.delivery is not None:
             return Decision()
+        # A consumer acknowledged the completion, so it reached the broker.
+        job.outcome_sent = True
         job.acks[ack.consumer] = (ack.delivered, ack.reason)
         failed = [f"{name}: {reason}" for name, (ok, reason) in job.acks.items() if not ok]
         if failed:
@@ -780,9 +785,21 @@ class FlightState(BaseModel):
         job.status = status
         job.finished_at = now
         job.reason = reason
+        job.outcome_sent = False
         completed = self.completion_of(job.job_id)
         assert completed is not None
         return completed
+
+    def unsent_outcomes(self) -> list[str]:
+        """Return the ids of ended jobs whose completion event is not known to be sent."""
+        return [job.job_id for job in self.jobs.values()
+                if not job.running and not job.outcome_sent]
+
+    def outcome_sent(self, job_id: str) -> None:
+        """Record that the broker acknowledged the completion event of ``job_id``."""
+        job = self.jobs.get(job_id)
+        if job is not None:
+            job.outcome_sent = True
 
     def completion_of(self, job_id: str) -> JobCompleted | None:
         """Return the outcome of a job that ended, as it was published; None while it runs."""

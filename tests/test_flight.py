@@ -15,6 +15,7 @@ from schemas.events import (
     AttemptProgress,
     AttemptStarted,
     AttemptStatus,
+    DeliveryAck,
     GenerationParams,
     JobRequested,
     JobStatus,
@@ -131,6 +132,32 @@ def test_rejection_retries_then_completes() -> None:
     done = _score(flight, retry[0], True)
     assert done.completed[0].status == JobStatus.COMPLETED
     assert done.completed[0].attempts == 2
+
+
+def test_ended_job_outcome_unsent_until_acked() -> None:
+    flight, decision = _admit(_request(slots=1))
+    assert flight.unsent_outcomes() == []
+
+    done = _score(flight, decision.dispatch[0], True)
+    job_id = done.completed[0].job_id
+    assert flight.unsent_outcomes() == [job_id]
+
+    restored = FlightState.model_validate(flight.model_dump(mode="json"))
+    assert restored.unsent_outcomes() == [job_id]
+
+    flight.outcome_sent(job_id)
+    assert flight.unsent_outcomes() == []
+
+
+def test_delivery_ack_marks_outcome_sent() -> None:
+    flight, decision = _admit(_request(slots=1))
+    done = _score(flight, decision.dispatch[0], True)
+    job_id = done.completed[0].job_id
+
+    flight.on_delivery_ack(DeliveryAck(job_id=job_id, job_key=flight.job_key,
+                                       consumer="delivery", delivered=True), ["delivery"])
+
+    assert flight.unsent_outcomes() == []
 
 
 def test_later_attempts_are_followups() -> None:
