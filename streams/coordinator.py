@@ -1027,10 +1027,12 @@ class Coordinator:
 
         Re-dispatches (epoch above 1) keep the default partitioner, so an attempt that hung on
         a worker with its model warm is not sent straight back to it.
+
+        A follow-up is routed only to a free worker, through the first-attempt topic whose
+        partitions workers report. With no worker free it goes to the follow-up topic, which
+        workers fetch before first attempts.
         """
-        # NOTE: follow-ups are not routed: their topic's partitions are owned independently
-        # of the first-attempt topic's, and workers report only the latter.
-        if not self.settings.coordinator.affinity_routing or attempt.followup:
+        if not self.settings.coordinator.affinity_routing or attempt.epoch > 1:
             return None, None, False
         views: list[WorkerView] = []
         owned: dict[str, list[int]] = {}
@@ -1045,6 +1047,8 @@ class Coordinator:
         routed_to = route_partition(views, owned, attempt.params.model, attempt.params.loras,
                                     record_key)
         free = routed_to is not None
+        if routed_to is None and attempt.followup:
+            return None, None, False
         if routed_to is None:
             routed_to = route_shortest_queue(owned, queued, record_key)
         if routed_to is None:
@@ -1054,8 +1058,11 @@ class Coordinator:
                      attempt.attempt_id, attempt.params.model, worker_id, partition)
         return worker_id, partition, free
 
-    def _attempt_topic(self, attempt: AttemptDispatched) -> Any:
-        topics = self.followup_topics if attempt.followup else self.attempt_topics
+    def _attempt_topic(self, attempt: AttemptDispatched, partition: int | None = None) -> Any:
+        """Return the topic of an attempt: a routed follow-up takes the first-attempt topic,
+        whose ``partition`` the routing picked."""
+        followup = attempt.followup and partition is None
+        topics = self.followup_topics if followup else self.attempt_topics
         return topics[attempt.tier]
 
     def _route(self, flight: FlightState, decision: Decision) -> list[_Routed]:
@@ -1086,7 +1093,7 @@ class Coordinator:
 
     async def _send_attempt(self, flight: FlightState, dispatch: _Routed) -> None:
         attempt, partition = dispatch
-        topic = self._attempt_topic(attempt)
+        topic = self._attempt_topic(attempt, partition)
         with stage_span(
             self.tracer, f"send {topic.get_topic_name()}", "dispatch",
             parent=self._job_context(flight, attempt.job_id), kind=SpanKind.PRODUCER,

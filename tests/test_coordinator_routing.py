@@ -37,11 +37,12 @@ def _coordinator(*, free_slots: int = 2, grant_at_dispatch: bool = True) -> Coor
     return coordinator
 
 
-def _attempt(*, followup: bool) -> AttemptDispatched:
+def _attempt(*, followup: bool, epoch: int = 1) -> AttemptDispatched:
     return AttemptDispatched(
         attempt_id="job-2", job_id="job", job_key="acme:key", tenant_id="acme", slot=0,
-        attempt_no=2, params=GenerationParams(model="M1", prompt="p", steps=4), seed=1,
-        tier=Tier.STANDARD, deadline_at=utc_now() + timedelta(seconds=60), followup=followup)
+        attempt_no=2, epoch=epoch, params=GenerationParams(model="M1", prompt="p", steps=4),
+        seed=1, tier=Tier.STANDARD, deadline_at=utc_now() + timedelta(seconds=60),
+        followup=followup)
 
 
 def _admitted(coordinator: Coordinator, slots: int) -> tuple[FlightState, Decision]:
@@ -61,8 +62,34 @@ def test_first_attempt_goes_to_free_worker() -> None:
     assert free
 
 
-def test_followup_left_to_partitioner() -> None:
-    routed = _coordinator()._affinity_partition(_attempt(followup=True))
+def test_followup_goes_to_free_worker() -> None:
+    coordinator = _coordinator()
+    attempt = _attempt(followup=True)
+
+    worker_id, partition, free = coordinator._affinity_partition(attempt)
+
+    assert worker_id == "free"
+    assert partition in (3, 4, 5)
+    assert free
+    # The routed partition belongs to the first-attempt topic, so the record goes there.
+    routed_topic = coordinator._attempt_topic(attempt, partition).get_topic_name()
+    assert routed_topic == coordinator.settings.topics.attempts(Tier.STANDARD)
+
+
+def test_followup_without_free_worker_queues() -> None:
+    # With every slot busy, a follow-up waits in the follow-up topic that workers fetch first.
+    coordinator = _coordinator(free_slots=0)
+    attempt = _attempt(followup=True)
+
+    routed = coordinator._affinity_partition(attempt)
+
+    assert routed == (None, None, False)
+    topic = coordinator._attempt_topic(attempt).get_topic_name()
+    assert topic == coordinator.settings.topics.followups(Tier.STANDARD)
+
+
+def test_redispatch_left_to_partitioner() -> None:
+    routed = _coordinator()._affinity_partition(_attempt(followup=True, epoch=2))
 
     assert routed == (None, None, False)
 
