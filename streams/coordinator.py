@@ -744,6 +744,8 @@ class Coordinator:
                                message.error_type, message.error)
         elif isinstance(message, DeliveryAck):
             decision = flight.on_delivery_ack(message, list(self.settings.consumers.critical))
+            # The acknowledgement proves the completion event arrived.
+            self._outcome_sends.pop(message.job_id, None)
             if not message.delivered:
                 logger.warning("Critical consumer %s failed to deliver job %s: %s",
                                message.consumer, message.job_id, message.reason)
