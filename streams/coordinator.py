@@ -19,7 +19,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -560,9 +560,10 @@ class Coordinator:
             ended = flight.completion_of(request.job_id)
             if ended is not None:
                 span.set_attribute("slotforge.admission.decision", "ended")
-                await self.completed_topic.send(key=ended.job_id.encode(),
-                                                value=encode_event(ended),
-                                                headers=inject_headers(span))
+                sent = await self.completed_topic.send(key=ended.job_id.encode(),
+                                                       value=encode_event(ended),
+                                                       headers=inject_headers(span))
+                self._remember_send(ended.job_id, sent)
                 logger.info("Job %s already ended %s; republished its outcome",
                             ended.job_id, ended.status.value)
                 return
@@ -703,8 +704,10 @@ class Coordinator:
             if replan:
                 planned = flight.replan(now, self.limits, pool)
                 decision.extend(planned)
+                checked = self._check_outcomes(flight, decision)
                 routed = self._route(flight, decision)
-                if straggler or planned.dispatch or planned.cancel or planned.completed:
+                if straggler or checked or planned.dispatch or planned.cancel or \
+                        planned.completed:
                     self._store(flight)
             if straggler:
                 # Later heartbeats of a straggler need no second look at its flight.
@@ -753,22 +756,33 @@ class Coordinator:
             self._observe_acceptance(flight, message)
             decision = flight.on_scored(message, now, self.limits, pool)
         else:
+            # Checked before the sweep because it may forget the job, and a sweep may be the
+            # only event the job's flight still gets.
+            pending = Decision()
+            checked = self._check_outcomes(flight, pending)
             swept = self._on_sweep(flight, message, now, pool)
-            if swept is None:
+            if swept is None and flight.empty:
+                # The sweep deleted the empty flight, so there is nothing to store, only events.
+                if pending.republish:
+                    await self._publish(flight, pending, [])
                 return
-            decision = swept
+            if swept is None and not checked:
+                return
+            decision = (swept or Decision()).extend(pending)
         self._check_outcomes(flight, decision)
         routed = self._route(flight, decision)
         self._store(flight)
         await self._publish(flight, decision, routed)
 
-    def _check_outcomes(self, flight: FlightState, decision: Decision) -> None:
+    def _check_outcomes(self, flight: FlightState, decision: Decision) -> bool:
         """Record acknowledged completion events, and publish again those never sent here.
 
         A job that ended in a crashed process may have its end stored in the table while
         its completion event never left, so the event that ended it, read again, sends it.
+        Returns whether the flight or the decision changed.
         """
-        deciding = {completed.job_id for completed in decision.completed}
+        deciding = {completed.job_id for completed in decision.completed + decision.republish}
+        changed = False
         for job_id in flight.unsent_outcomes():
             if job_id in deciding:
                 continue
@@ -780,13 +794,16 @@ class Coordinator:
                 del self._outcome_sends[job_id]
                 if not send.cancelled() and send.exception() is None:
                     flight.outcome_sent(job_id)
+                    changed = True
                     continue
                 error = "cancelled" if send.cancelled() else send.exception()
                 reason = f"its send failed: {error}"
             completed = flight.completion_of(job_id)
             if completed is not None:
                 logger.warning("Publishing the outcome of job %s again: %s", job_id, reason)
-                decision.completed.append(completed)
+                decision.republish.append(completed)
+                changed = True
+        return changed
 
     def _is_straggler(self, progress: AttemptProgress) -> bool:
         """Check one heartbeat's attempt against its class's typical service time."""
@@ -989,6 +1006,8 @@ class Coordinator:
             self._record_outcome(flight, record, outcome)
         for completed in decision.completed:
             await self._send_completion(flight, completed)
+        for completed in decision.republish:
+            await self._resend_completion(flight, completed)
         for delivered in decision.delivered:
             await self.delivered_topic.send(key=delivered.job_id.encode(),
                                             value=encode_event(delivered))
@@ -1035,6 +1054,10 @@ class Coordinator:
         workers fetch before first attempts.
         """
         if not self.settings.coordinator.affinity_routing or attempt.epoch > 1:
+            return None, None, False
+        if attempt.followup and self.pool.idle_slots() <= 0:
+            # Attempts wait somewhere in the pool, maybe in a worker's follow-up partitions,
+            # which that worker fetches before a routed record.
             return None, None, False
         views: list[WorkerView] = []
         owned: dict[str, list[int]] = {}
@@ -1192,16 +1215,34 @@ class Coordinator:
                 key=completed.job_id.encode(), value=encode_event(completed),
                 headers=inject_headers(span),
             )
-        # faust returns a future here already, so this wraps nothing.
-        self._outcome_sends[completed.job_id] = asyncio.ensure_future(sent)
-        if len(self._outcome_sends) > MAX_OUTCOME_SENDS:
-            del self._outcome_sends[next(iter(self._outcome_sends))]
+        self._remember_send(completed.job_id, sent)
         logger.info(
             "Job %s ended %s with %d/%d slots (%d fallback, %d cached) after %d attempts%s",
             completed.job_id, completed.status.value, len(completed.slots),
             completed.requested_slots, fallback, cached, completed.attempts,
             f" ({completed.reason})" if completed.reason else "",
         )
+
+    async def _resend_completion(self, flight: FlightState, completed: JobCompleted) -> None:
+        """Send the completion event of a job that ended earlier, without its job spans."""
+        with stage_span(
+            self.tracer, f"send {self.completed_topic.get_topic_name()}", "completion",
+            parent=self._job_context(flight, completed.job_id), kind=SpanKind.PRODUCER,
+            attributes={"slotforge.job.id": completed.job_id,
+                        "slotforge.job.status": completed.status.value,
+                        "slotforge.completion.again": True},
+        ) as span:
+            sent = await self.completed_topic.send(
+                key=completed.job_id.encode(), value=encode_event(completed),
+                headers=inject_headers(span),
+            )
+        self._remember_send(completed.job_id, sent)
+
+    def _remember_send(self, job_id: str, sent: Awaitable[Any]) -> None:
+        # faust returns a future already, so this wraps nothing.
+        self._outcome_sends[job_id] = asyncio.ensure_future(sent)
+        if len(self._outcome_sends) > MAX_OUTCOME_SENDS:
+            del self._outcome_sends[next(iter(self._outcome_sends))]
 
     # ---- sweeps ---------------------------------------------------------------------------------
 

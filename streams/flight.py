@@ -94,6 +94,8 @@ class Decision:
     cancel: list[AttemptCancel] = field(default_factory=list)
     claims: list[ClaimDecision] = field(default_factory=list)
     completed: list[JobCompleted] = field(default_factory=list)
+    # Outcomes of jobs that ended earlier, whose completion events go out again.
+    republish: list[JobCompleted] = field(default_factory=list)
     delivered: list[JobDelivered] = field(default_factory=list)
     # Attempts that ended for good in this transition, with their outcome, for accounting.
     outcomes: list[tuple[AttemptRecord, str]] = field(default_factory=list)
@@ -107,6 +109,7 @@ class Decision:
         self.cancel += other.cancel
         self.claims += other.claims
         self.completed += other.completed
+        self.republish += other.republish
         self.delivered += other.delivered
         self.outcomes += other.outcomes
         return self

@@ -4,8 +4,18 @@ is published again, and an acknowledged one is recorded as sent."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
+from typing import Any
 
-from schemas.events import GenerationParams, JobRequested, ResultScored, utc_now
+from schemas.events import (
+    DeliveryAck,
+    GenerationParams,
+    JobRequested,
+    JobSweep,
+    ResultScored,
+    encode_event,
+    utc_now,
+)
 from streams.config import KafkaSettings, Settings
 from streams.coordinator import Coordinator
 from streams.flight import Decision, FlightState, PoolView
@@ -38,7 +48,8 @@ def test_outcome_never_sent_here_published_again() -> None:
 
     coordinator._check_outcomes(flight, decision)
 
-    assert [completed.job_id for completed in decision.completed] == [job_id]
+    assert [completed.job_id for completed in decision.republish] == [job_id]
+    assert decision.completed == []
     assert flight.unsent_outcomes() == [job_id]
 
 
@@ -50,13 +61,13 @@ async def test_acknowledged_outcome_recorded() -> None:
 
     pending = Decision()
     coordinator._check_outcomes(flight, pending)
-    assert pending.completed == []
+    assert pending.republish == []
     assert flight.unsent_outcomes() == [job_id]
 
     sent.set_result(None)
     acknowledged = Decision()
     coordinator._check_outcomes(flight, acknowledged)
-    assert acknowledged.completed == []
+    assert acknowledged.republish == []
     assert flight.unsent_outcomes() == []
 
 
@@ -70,4 +81,54 @@ async def test_failed_send_published_again() -> None:
     again = Decision()
     coordinator._check_outcomes(flight, again)
 
-    assert [completed.job_id for completed in again.completed] == [job_id]
+    assert [completed.job_id for completed in again.republish] == [job_id]
+
+
+class _Replay:
+    """Feed one event through ``Coordinator._on_event`` with the flight kept in memory."""
+
+    def __init__(self, coordinator: Coordinator, flight: FlightState) -> None:
+        self.flight = flight
+        self.stored: list[FlightState] = []
+        self.published: list[Decision] = []
+        coordinator._load = lambda job_key: self.flight  # type: ignore[method-assign]
+        coordinator._store = self.stored.append  # type: ignore[method-assign]
+
+        async def publish(flight: FlightState, decision: Decision, routed: Any) -> None:
+            self.published.append(decision)
+
+        coordinator._publish = publish  # type: ignore[method-assign]
+        self.coordinator = coordinator
+
+    async def send(self, message: Any) -> None:
+        event = SimpleNamespace(value=encode_event(message), message=SimpleNamespace(
+            topic="events", partition=0, offset=0))
+        await self.coordinator._on_event(event)  # type: ignore[arg-type]
+
+
+async def test_sweep_after_restart_publishes_outcome() -> None:
+    # Right after a restart a lease sweep changes nothing, but it may be the last event the
+    # flight of a job that ended in the crashed process gets.
+    coordinator = _coordinator()
+    flight, job_id = _ended_job(coordinator)
+    replay = _Replay(coordinator, flight)
+
+    await replay.send(JobSweep(job_id=job_id, job_key=flight.job_key, action="lease",
+                               attempt_id="gone"))
+
+    assert [completed.job_id for completed in replay.published[0].republish] == [job_id]
+    assert replay.stored == [flight]
+
+
+async def test_delivery_ack_forgets_send() -> None:
+    coordinator = _coordinator()
+    flight, job_id = _ended_job(coordinator)
+    coordinator._outcome_sends[job_id] = asyncio.get_running_loop().create_future()
+    replay = _Replay(coordinator, flight)
+
+    await replay.send(DeliveryAck(job_id=job_id, job_key=flight.job_key,
+                                  consumer="delivery", delivered=True))
+
+    assert job_id not in coordinator._outcome_sends
+    assert flight.unsent_outcomes() == []
+    assert replay.published[0].republish == []

@@ -88,6 +88,20 @@ def test_followup_without_free_worker_queues() -> None:
     assert topic == coordinator.settings.topics.followups(Tier.STANDARD)
 
 
+def test_followup_queues_behind_waiting_attempts() -> None:
+    # Two unrouted attempts wait for the free worker's two slots, maybe in its follow-up
+    # partitions, which it fetches before a routed record. A first attempt is still routed.
+    coordinator = _coordinator()
+    coordinator.pool.dispatched("waiting-1", Tier.STANDARD, None)
+    coordinator.pool.dispatched("waiting-2", Tier.STANDARD, None)
+
+    followup = coordinator._affinity_partition(_attempt(followup=True))
+    first = coordinator._affinity_partition(_attempt(followup=False))
+
+    assert followup == (None, None, False)
+    assert first[0] == "free"
+
+
 def test_redispatch_left_to_partitioner() -> None:
     routed = _coordinator()._affinity_partition(_attempt(followup=True, epoch=2))
 
