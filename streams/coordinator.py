@@ -19,7 +19,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from faust.types import EventT
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Span, SpanKind
 
 from gpu_inference.affinity import WorkerView, route_partition, route_shortest_queue
 from gpu_inference.artifacts import ArtifactError, ArtifactStore
@@ -118,7 +118,7 @@ CANCEL_REPEAT_S = 5.0
 PARTITION_COUNTS_REFRESH_S = 10.0
 # Parsed flights kept beside the table. Older ones are parsed again at their next event.
 PARSED_FLIGHTS_MAX = 20_000
-# Completion sends remembered until their flight's next event; a forgotten one is sent again.
+# Completion sends remembered until their flight's next event. An evicted one is sent again.
 MAX_OUTCOME_SENDS = 100_000
 # JobRejected.reason's maximum length; longer validation summaries are cut to fit.
 MAX_REJECTION_REASON_CHARS = 2_000
@@ -560,10 +560,7 @@ class Coordinator:
             ended = flight.completion_of(request.job_id)
             if ended is not None:
                 span.set_attribute("slotforge.admission.decision", "ended")
-                sent = await self.completed_topic.send(key=ended.job_id.encode(),
-                                                       value=encode_event(ended),
-                                                       headers=inject_headers(span))
-                self._remember_send(ended.job_id, sent)
+                await self._send_outcome(ended, span)
                 logger.info("Job %s already ended %s; republished its outcome",
                             ended.job_id, ended.status.value)
                 return
@@ -757,7 +754,7 @@ class Coordinator:
             decision = flight.on_scored(message, now, self.limits, pool)
         else:
             # Checked before the sweep because it may forget the job, and a sweep may be the
-            # only event the job's flight still gets.
+            # only event the job's flight still gets. Jobs the sweep ends are sent with it.
             pending = Decision()
             checked = self._check_outcomes(flight, pending)
             swept = self._on_sweep(flight, message, now, pool)
@@ -769,7 +766,9 @@ class Coordinator:
             if swept is None and not checked:
                 return
             decision = (swept or Decision()).extend(pending)
-        self._check_outcomes(flight, decision)
+        if not isinstance(message, JobSweep):
+            # Checked after the transition, so an acknowledgement seen here counts.
+            self._check_outcomes(flight, decision)
         routed = self._route(flight, decision)
         self._store(flight)
         await self._publish(flight, decision, routed)
@@ -793,7 +792,7 @@ class Coordinator:
             if send is not None:
                 del self._outcome_sends[job_id]
                 if not send.cancelled() and send.exception() is None:
-                    flight.outcome_sent(job_id)
+                    flight.mark_outcome_sent(job_id)
                     changed = True
                     continue
                 error = "cancelled" if send.cancelled() else send.exception()
@@ -1056,8 +1055,8 @@ class Coordinator:
         if not self.settings.coordinator.affinity_routing or attempt.epoch > 1:
             return None, None, False
         if attempt.followup and self.pool.idle_slots() <= 0:
-            # Attempts wait somewhere in the pool, maybe in a worker's follow-up partitions,
-            # which that worker fetches before a routed record.
+            # No slot is idle beyond the waiting attempts, and some may wait in a worker's
+            # follow-up partitions, which that worker fetches before a routed record.
             return None, None, False
         views: list[WorkerView] = []
         owned: dict[str, list[int]] = {}
@@ -1211,11 +1210,7 @@ class Coordinator:
             self.tracer, f"send {self.completed_topic.get_topic_name()}", "completion",
             parent=parent, kind=SpanKind.PRODUCER, attributes=attributes,
         ) as span:
-            sent = await self.completed_topic.send(
-                key=completed.job_id.encode(), value=encode_event(completed),
-                headers=inject_headers(span),
-            )
-        self._remember_send(completed.job_id, sent)
+            await self._send_outcome(completed, span)
         logger.info(
             "Job %s ended %s with %d/%d slots (%d fallback, %d cached) after %d attempts%s",
             completed.job_id, completed.status.value, len(completed.slots),
@@ -1232,15 +1227,16 @@ class Coordinator:
                         "slotforge.job.status": completed.status.value,
                         "slotforge.completion.again": True},
         ) as span:
-            sent = await self.completed_topic.send(
-                key=completed.job_id.encode(), value=encode_event(completed),
-                headers=inject_headers(span),
-            )
-        self._remember_send(completed.job_id, sent)
+            await self._send_outcome(completed, span)
 
-    def _remember_send(self, job_id: str, sent: Awaitable[Any]) -> None:
+    async def _send_outcome(self, completed: JobCompleted, span: Span) -> None:
+        """Send a completion event and keep its delivery for ``_check_outcomes``."""
+        sent = await self.completed_topic.send(
+            key=completed.job_id.encode(), value=encode_event(completed),
+            headers=inject_headers(span),
+        )
         # faust returns a future already, so this wraps nothing.
-        self._outcome_sends[job_id] = asyncio.ensure_future(sent)
+        self._outcome_sends[completed.job_id] = asyncio.ensure_future(sent)
         if len(self._outcome_sends) > MAX_OUTCOME_SENDS:
             del self._outcome_sends[next(iter(self._outcome_sends))]
 

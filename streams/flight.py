@@ -798,7 +798,7 @@ class FlightState(BaseModel):
         return [job.job_id for job in self.jobs.values()
                 if not job.running and not job.outcome_sent]
 
-    def outcome_sent(self, job_id: str) -> None:
+    def mark_outcome_sent(self, job_id: str) -> None:
         """Record that the broker acknowledged the completion event of ``job_id``."""
         job = self.jobs.get(job_id)
         if job is not None:

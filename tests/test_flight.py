@@ -145,7 +145,7 @@ def test_ended_job_outcome_unsent_until_acked() -> None:
     restored = FlightState.model_validate(flight.model_dump(mode="json"))
     assert restored.unsent_outcomes() == [job_id]
 
-    flight.outcome_sent(job_id)
+    flight.mark_outcome_sent(job_id)
     assert flight.unsent_outcomes() == []
 
 
