@@ -50,6 +50,7 @@ from bench.suite_support import (
     wrap,
 )
 from schemas.events import (
+    AttemptStarted,
     AttemptStatus,
     GenerationParams,
     JobCompleted,
@@ -62,6 +63,8 @@ from streams.kafka import make_consumer, topic_partitions
 from streams.racing import RacingPolicy
 
 HOPS = ("request_to_claim", "finish_to_fill", "complete_to_ack")
+# The records between which the first two hops split, for the page's breakdown.
+STAGES = ("request_to_dispatch", "dispatch_to_start", "finish_to_score", "score_to_fill")
 TENANT_ID = "bench"
 # Targets: every hop's p99 at half the maximum rate, and the coordinator's maximum rate.
 HOP_P99_TARGET_MS = 50.0
@@ -154,8 +157,10 @@ def run(out: Path, args: argparse.Namespace) -> dict[str, Any]:
             pipeline.check_alive()
 
     hops = hop_latencies(outcomes, events, config.slots_per_job)
+    stages = stage_latencies(outcomes, events, config.slots_per_job)
     results = {
         "hops": {name: _summary_ms(values) for name, values in hops.items()},
+        "stages": {name: _summary_ms(values) for name, values in stages.items()},
         "coordinator_jobs_per_s": throughput["coordinator_jobs_per_s"],
         "throughput": throughput,
         "latency_stream": {
@@ -372,7 +377,8 @@ async def _read_hop_events(pipeline: PipelineRun, job_ids: set[str],
     deadline = time.monotonic() + settle_s
     while True:
         log = await read_attempt_log(pipeline.settings.kafka,
-                                     pipeline.settings.topics.coordinator_events, job_ids)
+                                     pipeline.settings.topics.coordinator_events, job_ids,
+                                     dispatch_topics=list(pipeline.settings.topics.attempt_topics))
         acked = {ack.job_id for ack in log.acks}
         if job_ids <= acked or time.monotonic() > deadline:
             return log
@@ -399,23 +405,63 @@ def hop_latencies(outcomes: Sequence[JobOutcome], events: AttemptLog,
         if ack.consumer == "delivery":
             ack_at.setdefault(ack.job_id, ack.emitted_at)
 
-    def ms(later: datetime, earlier: datetime) -> float:
-        return (later - earlier).total_seconds() * 1000.0
-
     hops: dict[str, list[float]] = {name: [] for name in HOPS}
     for outcome in outcomes:
         completed = outcome.completed
         if completed is None:
             continue
         for start in sorted(starts.get(completed.job_id, []))[:slots_per_job]:
-            hops["request_to_claim"].append(ms(start, completed.requested_at))
+            hops["request_to_claim"].append(_between_ms(start, completed.requested_at))
         delivered = [finish_at[slot.attempt_id] for slot in completed.slots
                      if slot.attempt_id in finish_at]
         if delivered:
-            hops["finish_to_fill"].append(ms(completed.completed_at, max(delivered)))
+            hops["finish_to_fill"].append(_between_ms(completed.completed_at, max(delivered)))
         if completed.job_id in ack_at:
-            hops["complete_to_ack"].append(ms(ack_at[completed.job_id], completed.completed_at))
+            hops["complete_to_ack"].append(
+                _between_ms(ack_at[completed.job_id], completed.completed_at))
     return hops
+
+
+def stage_latencies(outcomes: Sequence[JobOutcome], events: AttemptLog,
+                    slots_per_job: int) -> dict[str, list[float]]:
+    """Split the first two hops at the records between them, in milliseconds.
+
+    request_to_dispatch and dispatch_to_start split request_to_claim at the dispatch record of
+    each of the first K attempts. finish_to_score and score_to_fill split finish_to_fill at
+    the post-processing verdict of the job's last delivered attempt.
+    """
+    dispatched_at = {(event.attempt_id, event.epoch): event.emitted_at
+                     for event in events.dispatched}
+    scored_at = {event.attempt_id: event.emitted_at for event in events.scored}
+    finish_at = {event.attempt_id: event.emitted_at for event in events.finished
+                 if event.status is AttemptStatus.SUCCEEDED}
+    starts: dict[str, list[AttemptStarted]] = collections.defaultdict(list)
+    for started in events.started:
+        starts[started.job_id].append(started)
+
+    stages: dict[str, list[float]] = {name: [] for name in STAGES}
+    for outcome in outcomes:
+        completed = outcome.completed
+        if completed is None:
+            continue
+        for started in sorted(starts.get(completed.job_id, []),
+                              key=lambda event: event.started_at)[:slots_per_job]:
+            dispatched = dispatched_at.get((started.attempt_id, started.epoch))
+            if dispatched is not None:
+                stages["request_to_dispatch"].append(
+                    _between_ms(dispatched, completed.requested_at))
+                stages["dispatch_to_start"].append(_between_ms(started.started_at, dispatched))
+        delivered = [slot.attempt_id for slot in completed.slots
+                     if slot.attempt_id in finish_at and slot.attempt_id in scored_at]
+        if delivered:
+            last = max(delivered, key=lambda attempt_id: finish_at[attempt_id])
+            stages["finish_to_score"].append(_between_ms(scored_at[last], finish_at[last]))
+            stages["score_to_fill"].append(_between_ms(completed.completed_at, scored_at[last]))
+    return stages
+
+
+def _between_ms(later: datetime, earlier: datetime) -> float:
+    return (later - earlier).total_seconds() * 1000.0
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -508,6 +554,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         item = measured["hops"][name]
         lines.append(f"| {name} | {item['samples']} | {format_number(item['p50_ms'], 1)} "
                      f"| {format_number(item['p99_ms'], 1)} |")
+    lines += _stage_lines(measured.get("stages") or {})
     lines += _throughput_lines(measured, setup)
     lines += ["", "Targets:", ""]
     for target in results["targets"]:
@@ -524,6 +571,20 @@ def render_markdown(results: dict[str, Any]) -> str:
         "", "Reproduce:", "", "```", setup["commands"]["reproduce"], "```", "",
     ]
     return "\n".join(lines)
+
+
+def _stage_lines(stages: dict[str, Any]) -> list[str]:
+    if not stages:
+        return []
+    lines = ["", wrap("The first two hops split at the records between them: the attempt's "
+                      "dispatch, and the post-processing verdict of the job's last delivered "
+                      "attempt."), "",
+             "| stage | samples | p50 (ms) | p99 (ms) |", "| --- | --- | --- | --- |"]
+    for name in [stage for stage in STAGES if stage in stages]:
+        item = stages[name]
+        lines.append(f"| {name} | {item['samples']} | {format_number(item['p50_ms'], 1)} "
+                     f"| {format_number(item['p99_ms'], 1)} |")
+    return lines
 
 
 def _throughput_lines(measured: dict[str, Any], setup: dict[str, Any]) -> list[str]:

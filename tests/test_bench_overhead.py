@@ -13,12 +13,15 @@ from bench import overhead
 from bench.pipeline_run import AttemptLog, JobOutcome
 from infra.kafka_broker import KafkaBroker
 from schemas.events import (
+    AttemptDispatched,
     AttemptFinished,
     AttemptStarted,
     AttemptStatus,
     DeliveryAck,
+    GenerationParams,
     JobCompleted,
     JobStatus,
+    ResultScored,
     SlotResult,
     Tier,
 )
@@ -69,6 +72,39 @@ def test_hop_latencies_from_events() -> None:
     assert hops["request_to_claim"] == pytest.approx([10.0, 20.0])
     assert hops["finish_to_fill"] == pytest.approx([30.0])
     assert hops["complete_to_ack"] == pytest.approx([30.0])
+
+
+def _dispatched(job_id: str, attempt: str, at_ms: float) -> AttemptDispatched:
+    return AttemptDispatched(attempt_id=attempt, job_id=job_id, job_key="k", tenant_id="t",
+                             slot=0, attempt_no=1, seed=1, tier=Tier.STANDARD,
+                             params=GenerationParams(model="m", prompt="p", steps=10),
+                             deadline_at=_at(60_000.0), emitted_at=_at(at_ms))
+
+
+def _scored(job_id: str, attempt: str, at_ms: float) -> ResultScored:
+    return ResultScored(attempt_id=attempt, job_id=job_id, job_key="k", slot=0,
+                        artifact_uri="file:///x", score=0.9, accepted=True, reason="ok",
+                        emitted_at=_at(at_ms))
+
+
+def test_stage_latencies_split_hops() -> None:
+    completed = _completed("j1", ["a1", "a2"], done_ms=100.0)
+    outcome = JobOutcome("j1", 2, submitted_s=0.0, ended_s=0.1, status="completed",
+                         completed=completed)
+    events = AttemptLog(
+        dispatched=[_dispatched("j1", "a1", 4.0), _dispatched("j1", "a2", 5.0)],
+        started=[_started("j1", "a1", 10.0), _started("j1", "a2", 20.0)],
+        finished=[_finished("j1", "a1", 40.0), _finished("j1", "a2", 70.0)],
+        scored=[_scored("j1", "a1", 50.0), _scored("j1", "a2", 85.0)],
+    )
+
+    stages = overhead.stage_latencies([outcome], events, slots_per_job=2)
+
+    assert stages["request_to_dispatch"] == pytest.approx([4.0, 5.0])
+    assert stages["dispatch_to_start"] == pytest.approx([6.0, 15.0])
+    # The last delivered attempt, a2, splits finish_to_fill at its verdict.
+    assert stages["finish_to_score"] == pytest.approx([15.0])
+    assert stages["score_to_fill"] == pytest.approx([15.0])
 
 
 def test_hop_latencies_skip_unended_jobs() -> None:
