@@ -33,9 +33,10 @@ MIN_ACCEPTANCE = 0.1
 # An attempt whose projected remaining time exceeds this many typical service times of its
 # class is a straggler: a fresh attempt is expected to finish sooner.
 STRAGGLER_FACTOR = 2.0
-# Steps timed after the first report before an attempt is judged. The first step is not timed
-# because it may include start-up work. Judging at step 2 of 10, not 3, cut the simulated p99.
-STRAGGLER_MIN_STEPS = 1
+# Attempts with fewer steps measured than this are not judged, because a few milliseconds
+# of scheduling jitter on one short step could mark a normal attempt as slow. The simulation,
+# whose steps take equal time, favours judging after one step and so cannot show this cost.
+STRAGGLER_MIN_STEPS = 2
 # A surplus attempt this close to done, in typical service times, may finish into the cache.
 FINISH_INTO_CACHE_FACTOR = 0.5
 # Service times remembered per class for the typical service time.

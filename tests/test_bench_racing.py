@@ -253,11 +253,10 @@ def test_simulated_report_steps() -> None:
     # 0.1 s steps against a 0.25 s interval: reports at steps 1, 4, 7, ...
     assert [last_report_step(done, 0.1, 30, 0.25, None) for done in (0, 1, 3, 4, 8)] == \
         [0, 1, 1, 4, 7]
-    # 28 steps of 0.1 s are left after step 2, past a 2 s threshold: step 2 reports.
-    assert last_report_step(2, 0.1, 30, 0.25, 2.0) == 2
-    assert last_report_step(3, 0.1, 30, 0.25, 2.0) == 2
-    assert last_report_step(2, 0.1, 30, 0.25, 3.0) == 1
-    assert last_report_step(1, 0.1, 30, 0.25, 2.0) == 1
+    # 27 steps of 0.1 s are left after step 3, past a 2 s threshold: step 3 reports.
+    assert last_report_step(3, 0.1, 30, 0.25, 2.0) == 3
+    assert last_report_step(3, 0.1, 30, 0.25, 3.0) == 1
+    assert last_report_step(2, 0.1, 30, 0.25, 2.0) == 1
 
 
 def test_pooled_metrics_spread_per_group() -> None:
