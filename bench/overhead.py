@@ -42,6 +42,7 @@ from bench.pipeline_run import (
     run_settings,
 )
 from bench.suite_support import (
+    BenchArgumentError,
     format_number,
     git_state,
     local_broker,
@@ -50,6 +51,8 @@ from bench.suite_support import (
     wrap,
 )
 from schemas.events import (
+    MAX_SLOTS,
+    MAX_STEPS,
     AttemptStarted,
     AttemptStatus,
     GenerationParams,
@@ -121,9 +124,17 @@ class OverheadConfig:
                      profile_s=args.profile_s, work_dir=args.work_dir,
                      bootstrap_servers=args.bootstrap_servers)
         if config.burst_jobs < 2 or config.latency_jobs < 2:
-            raise ValueError("--burst-jobs and --latency-jobs must be at least 2")
+            raise BenchArgumentError("--burst-jobs and --latency-jobs must be at least 2")
         if not 0 < config.load <= 1:
-            raise ValueError(f"--load must be in (0, 1], got {config.load}")
+            raise BenchArgumentError(f"--load must be in (0, 1], got {config.load}")
+        bounds = {"--slots-per-job": (config.slots_per_job, MAX_SLOTS),
+                  "--steps": (config.steps, MAX_STEPS),
+                  "--workers": (config.workers, None),
+                  "--worker-slots": (config.worker_slots, None)}
+        for flag, (value, upper) in bounds.items():
+            if value < 1 or (upper is not None and value > upper):
+                limit = f"between 1 and {upper}" if upper is not None else "at least 1"
+                raise BenchArgumentError(f"{flag} must be {limit}, got {value}")
         return config
 
     @property

@@ -42,6 +42,7 @@ from bench.pipeline_run import (
     percentile,
     run_settings,
 )
+from bench.suite_support import BenchArgumentError
 from infra.kafka_broker import KafkaBroker
 from schemas.events import (
     MAX_PROMPT_CHARS,
@@ -141,16 +142,16 @@ class OverloadConfig:
             try:
                 deadlines[Tier(name.strip())] = float(value)
             except ValueError as err:
-                raise ValueError(f"--deadlines must look like interactive=30,standard=90,"
-                                 f"batch=300; got {args.deadlines!r}") from err
+                raise BenchArgumentError(f"--deadlines must look like interactive=30,standard=90,"
+                                         f"batch=300; got {args.deadlines!r}") from err
         if set(deadlines) != set(Tier):
-            raise ValueError(f"--deadlines must name every tier, got {args.deadlines!r}")
+            raise BenchArgumentError(f"--deadlines must name every tier, got {args.deadlines!r}")
         if args.jobs < 10:
-            raise ValueError(f"--jobs must be at least 10, got {args.jobs}")
+            raise BenchArgumentError(f"--jobs must be at least 10, got {args.jobs}")
         if not 0 < args.acceptance <= 1:
-            raise ValueError(f"--acceptance must be in (0, 1], got {args.acceptance}")
+            raise BenchArgumentError(f"--acceptance must be in (0, 1], got {args.acceptance}")
         if args.peak_demand <= 0:
-            raise ValueError(f"--peak-demand must be positive, got {args.peak_demand}")
+            raise BenchArgumentError(f"--peak-demand must be positive, got {args.peak_demand}")
         return cls(jobs=args.jobs, peak_demand=args.peak_demand, workers=args.workers,
                    worker_slots=args.worker_slots, p50_s=args.p50_s, sigma=args.sigma,
                    acceptance=args.acceptance, max_slots=args.max_slots,

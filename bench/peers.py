@@ -44,6 +44,7 @@ from bench.pipeline_run import (
 )
 from bench.redis_server import RedisServer, redis_server_version
 from bench.suite_support import (
+    BenchArgumentError,
     format_number,
     git_state,
     local_broker,
@@ -165,21 +166,22 @@ class PeersConfig:
 
     def validate(self) -> None:
         if self.jobs < 2:
-            raise ValueError(f"--jobs must be at least 2, got {self.jobs}")
+            raise BenchArgumentError(f"--jobs must be at least 2, got {self.jobs}")
         if self.load <= 0:
-            raise ValueError(f"--load must be positive, got {self.load}")
+            raise BenchArgumentError(f"--load must be positive, got {self.load}")
         if not 0 < self.acceptance <= 1:
-            raise ValueError(f"--acceptance must be in (0, 1], got {self.acceptance}")
+            raise BenchArgumentError(f"--acceptance must be in (0, 1], got {self.acceptance}")
         unknown = set(self.scenarios) - set(SCENARIOS)
         if not self.scenarios or unknown:
-            raise ValueError(f"--scenarios must name some of {', '.join(SCENARIOS)}, "
+            raise BenchArgumentError(f"--scenarios must name some of {', '.join(SCENARIOS)}, "
                              f"got {','.join(self.scenarios)}")
         unknown = set(self.systems) - set(SYSTEMS)
         if not self.systems or unknown:
-            raise ValueError(f"--systems must name some of {', '.join(SYSTEMS)}, "
+            raise BenchArgumentError(f"--systems must name some of {', '.join(SYSTEMS)}, "
                              f"got {','.join(self.systems)}")
         if self.kill_interval_s <= 0:
-            raise ValueError(f"--kill-interval-s must be positive, got {self.kill_interval_s}")
+            raise BenchArgumentError(
+                f"--kill-interval-s must be positive, got {self.kill_interval_s}")
 
     @property
     def simulation(self) -> SimulationSettings:

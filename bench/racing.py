@@ -45,6 +45,7 @@ from bench.pipeline_run import (
 )
 from bench.racing_sim import SimConfig, simulate_suite
 from bench.suite_support import (
+    BenchArgumentError,
     format_number,
     git_state,
     job_seed,  # noqa: F401 (part of this module's interface)
@@ -163,16 +164,16 @@ class RacingConfig:
 
     def validate(self) -> None:
         if self.jobs < 2:
-            raise ValueError(f"--jobs must be at least 2, got {self.jobs}")
+            raise BenchArgumentError(f"--jobs must be at least 2, got {self.jobs}")
         if not self.loads or any(load <= 0 for load in self.loads):
-            raise ValueError(f"--loads must be positive fractions, got {self.loads}")
+            raise BenchArgumentError(f"--loads must be positive fractions, got {self.loads}")
         if not 0 < self.acceptance <= 1:
-            raise ValueError(f"--acceptance must be in (0, 1], got {self.acceptance}")
+            raise BenchArgumentError(f"--acceptance must be in (0, 1], got {self.acceptance}")
         if self.sim_replicates < 0:
-            raise ValueError(f"--sim-replicates must be 0 (skip) or more, "
+            raise BenchArgumentError(f"--sim-replicates must be 0 (skip) or more, "
                              f"got {self.sim_replicates}")
         if self.cache_requests == 1 or self.cache_requests < 0:
-            raise ValueError(f"--cache-requests must be 0 (skip) or at least 2, "
+            raise BenchArgumentError(f"--cache-requests must be 0 (skip) or at least 2, "
                              f"got {self.cache_requests}")
 
     def pool(self, policy: str) -> PoolSpec:

@@ -12,8 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from infra.kafka_broker import KafkaBroker
+from schemas.errors import SlotforgeError
 from schemas.events import MAX_PROMPT_CHARS, JobRequested
 from streams.trace_replay import TraceRequest, to_job_request
+
+
+class BenchArgumentError(SlotforgeError, ValueError):
+    """An invalid benchmark argument, rejected before any broker or service starts."""
 
 
 @contextlib.contextmanager

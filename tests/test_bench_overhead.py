@@ -25,6 +25,7 @@ from schemas.events import (
     SlotResult,
     Tier,
 )
+from streams import cli
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -184,3 +185,17 @@ def test_overhead_suite_smoke(kafka_broker: KafkaBroker, tmp_path: Path) -> None
     page = overhead.render_markdown(report)
     assert "## Overhead of the pipeline" in page
     assert "| request_to_claim |" in page
+
+
+@pytest.mark.parametrize(("flag", "value"), [
+    ("--load", "0"), ("--workers", "0"), ("--slots-per-job", "65"), ("--steps", "0"),
+])
+def test_invalid_argument_one_line(flag: str, value: str, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    status = cli.main(["bench", "overhead", "--out", str(tmp_path / "o.json"), flag, value])
+
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith(f"slotforge: error: {flag} must be")
+    assert "Traceback" not in err
+    assert not (tmp_path / "o.json").exists()
