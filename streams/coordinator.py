@@ -678,7 +678,7 @@ class Coordinator:
         if isinstance(message, AttemptProgress):
             self.liveness.progress(message.attempt_id, message.epoch, message.step)
             self.running.progress(message.attempt_id, message.step, message.total_steps,
-                                  message.emitted_at.timestamp())
+                                  message.emitted_at.timestamp(), message.epoch)
             straggler = self._is_straggler(message)
             replan = straggler or self._replan_due(message.job_key)
             if self._renew(message) and not replan:
@@ -708,7 +708,7 @@ class Coordinator:
                     self._store(flight)
             if straggler:
                 # Later heartbeats of a straggler need no second look at its flight.
-                self.running.ended(message.attempt_id)
+                self.running.ended(message.attempt_id, message.epoch)
             await self._publish(flight, decision, routed)
             return
         if isinstance(message, AttemptClaim):
@@ -720,7 +720,7 @@ class Coordinator:
             self.pool.slot_taken(message.worker_id, message.attempt_id,
                                  message.emitted_at.timestamp())
             self._watch(flight, message)
-            self.running.started(message.attempt_id, class_of(flight.params))
+            self.running.started(message.attempt_id, class_of(flight.params), message.epoch)
         elif isinstance(message, AttemptFinished):
             record = flight.attempts.get(message.attempt_id)
             if message.artifact_uri and (record is None or record.epoch != message.epoch):
@@ -735,7 +735,7 @@ class Coordinator:
                                  message.emitted_at.timestamp())
             self.pool.finished(message.gpu_s)
             self.liveness.finished(message.attempt_id)
-            self.running.ended(message.attempt_id)
+            self.running.ended(message.attempt_id, message.epoch)
             if message.status is AttemptStatus.SUCCEEDED:
                 self.service_times.observe(class_of(flight.params), message.gpu_s)
             if message.status.value == "failed":

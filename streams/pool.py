@@ -209,19 +209,26 @@ class RunningAttempts:
     def __init__(self, max_tracked: int = MAX_TRACKED_ATTEMPTS) -> None:
         self.max_tracked = max_tracked
         self._classes: dict[str, str] = {}
+        # The epoch whose run each attempt's steps come from. A fenced run of an older epoch
+        # may still send heartbeats, and they must not change the current run's rate.
+        self._epochs: dict[str, int] = {}
         # Attempt id to (first step, its time, latest step, its time, total steps).
         self._steps: dict[str, tuple[int, float, int, float, int]] = {}
 
-    def started(self, attempt_id: str, parameter_class: str) -> None:
+    def started(self, attempt_id: str, parameter_class: str, epoch: int = 1) -> None:
+        if epoch < self._epochs.get(attempt_id, 0):
+            return
         self._classes[attempt_id] = parameter_class
+        self._epochs[attempt_id] = epoch
         self._steps.pop(attempt_id, None)
         while len(self._classes) > self.max_tracked:
             oldest = next(iter(self._classes))
             self.ended(oldest)
 
-    def progress(self, attempt_id: str, step: int, total_steps: int, at_s: float) -> None:
+    def progress(self, attempt_id: str, step: int, total_steps: int, at_s: float,
+                 epoch: int = 1) -> None:
         """Record one heartbeat; ``at_s`` is the worker's timestamp in seconds."""
-        if attempt_id not in self._classes:
+        if attempt_id not in self._classes or epoch != self._epochs.get(attempt_id):
             return
         known = self._steps.get(attempt_id)
         if known is None:
@@ -229,8 +236,12 @@ class RunningAttempts:
         elif step > known[2]:
             self._steps[attempt_id] = (known[0], known[1], step, at_s, total_steps)
 
-    def ended(self, attempt_id: str) -> None:
+    def ended(self, attempt_id: str, epoch: int | None = None) -> None:
+        """Forget an attempt. Given ``epoch``, forget it only if its tracked run has that epoch."""
+        if epoch is not None and epoch != self._epochs.get(attempt_id, epoch):
+            return
         self._classes.pop(attempt_id, None)
+        self._epochs.pop(attempt_id, None)
         self._steps.pop(attempt_id, None)
 
     def runs(self, attempt_ids: Iterable[str]) -> dict[str, AttemptRun]:

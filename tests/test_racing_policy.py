@@ -113,6 +113,37 @@ def test_running_attempts_measure_from_first_step() -> None:
     assert runs["a-1"].remaining_s() == pytest.approx(2.5)
 
 
+def test_stale_epoch_keeps_current_rate() -> None:
+    running = RunningAttempts()
+    running.started("a-1", "M1|32x32|30", epoch=2)
+    running.progress("a-1", step=1, total_steps=30, at_s=10.0, epoch=2)
+    running.progress("a-1", step=5, total_steps=30, at_s=10.4, epoch=2)
+
+    # A fenced epoch 1 run starts late and reports slow steps.
+    running.started("a-1", "M1|32x32|30", epoch=1)
+    running.progress("a-1", step=6, total_steps=30, at_s=30.0, epoch=1)
+    running.ended("a-1", epoch=1)
+
+    runs = running.runs(["a-1"])
+    assert runs["a-1"].running_s == pytest.approx(0.4)
+    assert runs["a-1"].steps_done == 4
+
+
+def test_newer_epoch_restarts_rate() -> None:
+    running = RunningAttempts()
+    running.started("a-1", "M1|32x32|30", epoch=1)
+    running.progress("a-1", step=1, total_steps=30, at_s=10.0, epoch=1)
+    running.progress("a-1", step=9, total_steps=30, at_s=10.8, epoch=1)
+
+    running.started("a-1", "M1|32x32|30", epoch=2)
+    running.progress("a-1", step=1, total_steps=30, at_s=20.0, epoch=2)
+    running.progress("a-1", step=3, total_steps=30, at_s=20.4, epoch=2)
+
+    runs = running.runs(["a-1"])
+    assert runs["a-1"].running_s == pytest.approx(0.4)
+    assert runs["a-1"].steps_done == 2
+
+
 def test_running_attempts_flag_straggler() -> None:
     times = ServiceTimes(min_samples=1)
     times.observe("M1|32x32|30", 0.2)
