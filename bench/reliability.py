@@ -455,10 +455,15 @@ async def inspect_late_results(context: FaultContext) -> dict[str, Any]:
     settings = context.pipeline.settings
     worker_id = context.pipeline.worker_ids[0]
     job_ids = {request.job_id for request in context.outcome.requests}
-    log = await read_attempt_log(settings.kafka, settings.topics.coordinator_events, job_ids)
+    log = await read_attempt_log(settings.kafka, settings.topics.coordinator_events, job_ids,
+                                 dispatch_topics=list(settings.topics.attempt_topics))
+    # A dispatch under a higher epoch fences the frozen run even when the job fills its slots
+    # before any worker starts that dispatch.
     newest: dict[str, int] = {}
-    for started in log.started:
-        newest[started.attempt_id] = max(newest.get(started.attempt_id, 0), started.epoch)
+    epochs = [(started.attempt_id, started.epoch) for started in log.started]
+    epochs += [(dispatched.attempt_id, dispatched.epoch) for dispatched in log.dispatched]
+    for attempt_id, epoch in epochs:
+        newest[attempt_id] = max(newest.get(attempt_id, 0), epoch)
     late = [finished for finished in log.finished
             if finished.worker_id == worker_id
             and finished.epoch < newest.get(finished.attempt_id, 0)]
