@@ -406,11 +406,8 @@ def hop_latencies(outcomes: Sequence[JobOutcome], events: AttemptLog,
     the coordinator filled that last slot. complete_to_ack: the completion to the delivery
     consumer's ack.
     """
-    starts: dict[str, list[datetime]] = collections.defaultdict(list)
-    for started in events.started:
-        starts[started.job_id].append(started.started_at)
-    finish_at = {event.attempt_id: event.emitted_at for event in events.finished
-                 if event.status is AttemptStatus.SUCCEEDED}
+    starts = _first_starts(events, slots_per_job)
+    finish_at = _finish_times(events)
     ack_at: dict[str, datetime] = {}
     for ack in events.acks:
         if ack.consumer == "delivery":
@@ -421,8 +418,9 @@ def hop_latencies(outcomes: Sequence[JobOutcome], events: AttemptLog,
         completed = outcome.completed
         if completed is None:
             continue
-        for start in sorted(starts.get(completed.job_id, []))[:slots_per_job]:
-            hops["request_to_claim"].append(_between_ms(start, completed.requested_at))
+        for started in starts.get(completed.job_id, []):
+            hops["request_to_claim"].append(
+                _between_ms(started.started_at, completed.requested_at))
         delivered = [finish_at[slot.attempt_id] for slot in completed.slots
                      if slot.attempt_id in finish_at]
         if delivered:
@@ -444,19 +442,15 @@ def stage_latencies(outcomes: Sequence[JobOutcome], events: AttemptLog,
     dispatched_at = {(event.attempt_id, event.epoch): event.emitted_at
                      for event in events.dispatched}
     scored_at = {event.attempt_id: event.emitted_at for event in events.scored}
-    finish_at = {event.attempt_id: event.emitted_at for event in events.finished
-                 if event.status is AttemptStatus.SUCCEEDED}
-    starts: dict[str, list[AttemptStarted]] = collections.defaultdict(list)
-    for started in events.started:
-        starts[started.job_id].append(started)
+    finish_at = _finish_times(events)
+    starts = _first_starts(events, slots_per_job)
 
     stages: dict[str, list[float]] = {name: [] for name in STAGES}
     for outcome in outcomes:
         completed = outcome.completed
         if completed is None:
             continue
-        for started in sorted(starts.get(completed.job_id, []),
-                              key=lambda event: event.started_at)[:slots_per_job]:
+        for started in starts.get(completed.job_id, []):
             dispatched = dispatched_at.get((started.attempt_id, started.epoch))
             if dispatched is not None:
                 stages["request_to_dispatch"].append(
@@ -469,6 +463,21 @@ def stage_latencies(outcomes: Sequence[JobOutcome], events: AttemptLog,
             stages["finish_to_score"].append(_between_ms(scored_at[last], finish_at[last]))
             stages["score_to_fill"].append(_between_ms(completed.completed_at, scored_at[last]))
     return stages
+
+
+def _first_starts(events: AttemptLog, slots_per_job: int) -> dict[str, list[AttemptStarted]]:
+    """Return the first ``slots_per_job`` attempt starts of each job, earliest first."""
+    starts: dict[str, list[AttemptStarted]] = collections.defaultdict(list)
+    for started in events.started:
+        starts[started.job_id].append(started)
+    return {job_id: sorted(job_starts, key=lambda event: event.started_at)[:slots_per_job]
+            for job_id, job_starts in starts.items()}
+
+
+def _finish_times(events: AttemptLog) -> dict[str, datetime]:
+    """Return when each attempt that succeeded reported its finish."""
+    return {event.attempt_id: event.emitted_at for event in events.finished
+            if event.status is AttemptStatus.SUCCEEDED}
 
 
 def _between_ms(later: datetime, earlier: datetime) -> float:

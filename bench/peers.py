@@ -174,11 +174,11 @@ class PeersConfig:
         unknown = set(self.scenarios) - set(SCENARIOS)
         if not self.scenarios or unknown:
             raise BenchArgumentError(f"--scenarios must name some of {', '.join(SCENARIOS)}, "
-                             f"got {','.join(self.scenarios)}")
+                                     f"got {','.join(self.scenarios)}")
         unknown = set(self.systems) - set(SYSTEMS)
         if not self.systems or unknown:
             raise BenchArgumentError(f"--systems must name some of {', '.join(SYSTEMS)}, "
-                             f"got {','.join(self.systems)}")
+                                     f"got {','.join(self.systems)}")
         if self.kill_interval_s <= 0:
             raise BenchArgumentError(
                 f"--kill-interval-s must be positive, got {self.kill_interval_s}")

@@ -171,10 +171,10 @@ class RacingConfig:
             raise BenchArgumentError(f"--acceptance must be in (0, 1], got {self.acceptance}")
         if self.sim_replicates < 0:
             raise BenchArgumentError(f"--sim-replicates must be 0 (skip) or more, "
-                             f"got {self.sim_replicates}")
+                                     f"got {self.sim_replicates}")
         if self.cache_requests == 1 or self.cache_requests < 0:
             raise BenchArgumentError(f"--cache-requests must be 0 (skip) or at least 2, "
-                             f"got {self.cache_requests}")
+                                     f"got {self.cache_requests}")
 
     def pool(self, policy: str) -> PoolSpec:
         simulation = SimulationSettings(enabled=True, p50_s=self.p50_s, sigma=self.sigma,
