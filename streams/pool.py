@@ -42,6 +42,8 @@ class PoolMonitor:
         # Slots taken (+1) and freed (-1) on each worker, stamped by the worker's clock like
         # its status reports, so a report settles exactly the changes it already counts.
         self._slot_changes: dict[str, list[tuple[float, int]]] = {}
+        # Sum of each worker's kept changes, since every event reads the pool's busy slots.
+        self._moved: dict[str, int] = {}
         # The worker whose slot each started and not yet finished attempt occupies.
         self._holders: dict[str, str] = {}
         # Attempts dispatched that hold no slot yet, with their tier, oldest first: unclaimed,
@@ -64,8 +66,9 @@ class PoolMonitor:
         reported_at = status.emitted_at.timestamp()
         changes = self._slot_changes.get(status.worker_id)
         if changes:
-            self._slot_changes[status.worker_id] = [
-                change for change in changes if change[0] > reported_at]
+            kept = [change for change in changes if change[0] > reported_at]
+            self._slot_changes[status.worker_id] = kept
+            self._moved[status.worker_id] = sum(delta for _, delta in kept)
 
     def slot_taken(self, worker_id: str, attempt_id: str, at_s: float) -> None:
         """Count a slot that ``attempt_id`` took on ``worker_id`` when it started at ``at_s``."""
@@ -89,11 +92,17 @@ class PoolMonitor:
         self._change_slots(worker_id, at_s, -1)
 
     def _change_slots(self, worker_id: str, at_s: float, delta: int) -> None:
+        seen = self._workers.get(worker_id)
+        if seen is not None and at_s <= seen.status.emitted_at.timestamp():
+            # The latest report already counts a change from before it.
+            return
         changes = self._slot_changes.setdefault(worker_id, [])
         changes.append((at_s, delta))
+        self._moved[worker_id] = self._moved.get(worker_id, 0) + delta
         # A worker that stopped reporting keeps no report to settle its changes.
         if len(changes) > MAX_SLOT_CHANGES:
             del changes[:len(changes) - MAX_SLOT_CHANGES]
+            self._moved[worker_id] = sum(change for _, change in changes)
 
     def busy_of(self, worker_id: str) -> int:
         """Slots of ``worker_id`` generating now: its report, moved by later starts and ends."""
@@ -101,9 +110,7 @@ class PoolMonitor:
         if seen is None:
             return 0
         status = seen.status
-        reported_at = status.emitted_at.timestamp()
-        moved = sum(delta for at_s, delta in self._slot_changes.get(worker_id, ())
-                    if at_s > reported_at)
+        moved = self._moved.get(worker_id, 0)
         return max(0, min(status.slots, min(status.busy, status.slots) + moved))
 
     def gone_workers(self, now_s: float | None = None) -> frozenset[str]:

@@ -142,6 +142,26 @@ def test_unseen_events_move_nothing() -> None:
     assert pool.busy_of("w1") == 3
 
 
+def test_report_settles_the_changes_it_counts() -> None:
+    pool = PoolMonitor(status_ttl_s=60.0)
+    pool.observe(_report(busy=0, at_s=0.0))
+    pool.slot_taken("w1", "a", _at(1.0))
+    pool.slot_taken("w1", "b", _at(2.0))
+    pool.slot_freed("w1", "a", _at(3.0))
+    assert pool.busy_of("w1") == 1
+
+    # The report counts the two starts; only the later finish still moves it.
+    pool.observe(_report(busy=2, at_s=2.5))
+    assert pool.busy_of("w1") == 1
+
+    # A start stamped before the report arrives late: the report already counts it.
+    pool.slot_taken("w1", "c", _at(2.2))
+    assert pool.busy_of("w1") == 1
+
+    pool.slot_taken("w1", "d", _at(4.0))
+    assert pool.busy_of("w1") == 2
+
+
 def test_busy_stays_within_slots() -> None:
     pool = PoolMonitor(status_ttl_s=60.0)
     pool.observe(_report(busy=2, at_s=0.0, slots=2))
