@@ -37,6 +37,9 @@ STRAGGLER_FACTOR = 2.0
 # of scheduling jitter on one short step could mark a normal attempt as slow. The simulation,
 # whose steps take equal time, favours judging after one step and so cannot show this cost.
 STRAGGLER_MIN_STEPS = 2
+# A replacement first waits for its dispatch, claim and start, tens of milliseconds on a
+# local broker, so an attempt with less than this left is never worth replacing.
+STRAGGLER_MIN_REMAINING_S = 0.1
 # A surplus attempt this close to done, in typical service times, may finish into the cache.
 FINISH_INTO_CACHE_FACTOR = 0.5
 # Service times remembered per class for the typical service time.
@@ -143,11 +146,12 @@ def straggler_threshold_s(typical_service_s: float | None,
                           factor: float = STRAGGLER_FACTOR) -> float | None:
     """Return the projected remaining time past which an attempt is a straggler.
 
-    None while the class has no typical service time yet, so no attempt is judged.
+    None while the class has no typical service time yet, so no attempt is judged. Classes
+    that take milliseconds get the floor ``STRAGGLER_MIN_REMAINING_S`` instead.
     """
     if typical_service_s is None or typical_service_s <= 0:
         return None
-    return factor * typical_service_s
+    return max(factor * typical_service_s, STRAGGLER_MIN_REMAINING_S)
 
 
 def is_straggling(run: AttemptRun, threshold_s: float,

@@ -6,6 +6,7 @@ import pytest
 
 from streams.pool import RunningAttempts
 from streams.racing import (
+    STRAGGLER_MIN_REMAINING_S,
     AttemptRun,
     RaceInputs,
     RacingPolicy,
@@ -79,6 +80,17 @@ def test_straggler_threshold_needs_typical_time() -> None:
     assert straggler_threshold_s(0.3, factor=3.0) == 0.3 * 3.0
     assert straggler_threshold_s(None) is None
     assert straggler_threshold_s(0.0) is None
+
+
+def test_fast_class_gets_the_straggler_floor() -> None:
+    # Scheduling jitter makes a 2 ms attempt look slow, but a replacement would start later.
+    assert straggler_threshold_s(0.002) == STRAGGLER_MIN_REMAINING_S
+    runs = {
+        "jittered": AttemptRun(running_s=0.01, steps_done=2, total_steps=10),  # 0.04 s left
+        "slow": AttemptRun(running_s=0.1, steps_done=2, total_steps=10),  # 0.4 s left
+    }
+
+    assert stragglers(runs, typical_service_s=0.002) == ["slow"]
 
 
 def test_service_times_median_after_samples() -> None:
