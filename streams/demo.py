@@ -166,15 +166,24 @@ async def _replay_and_wait(
     return outcomes
 
 
-async def _progress_routine(results: dict[str, str], total: int,
-                            processes: ProcessGroup) -> None:
+async def _progress_routine(results: dict[str, str], total: int, processes: ProcessGroup,
+                            interval_s: float = 10.0) -> None:
+    reported_pids: set[int] = set()
     while True:
-        await asyncio.sleep(10)
+        await asyncio.sleep(interval_s)
         counts = collections.Counter(results.values())
         print(f"  {len(results)}/{total} jobs ended {dict(counts)}", flush=True)
-        for child in processes.failed():
-            print(f"  WARNING: {child.name} exited with status {child.process.returncode}; "
-                  f"see {child.log_path}", flush=True)
+        _warn_new_exits(processes, reported_pids)
+
+
+def _warn_new_exits(processes: ProcessGroup, reported_pids: set[int]) -> None:
+    """Warn once about each service that exited on its own, tracking pids in ``reported_pids``."""
+    for child in processes.failed():
+        if child.pid in reported_pids:
+            continue
+        reported_pids.add(child.pid)
+        logger.warning("%s (pid %d) exited with status %s; see %s", child.name, child.pid,
+                       child.process.returncode, child.log_path)
 
 
 def _drain_spans(settings: Settings, processes: ProcessGroup) -> None:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from streams.cli import build_parser
 from streams.config import ClickHouseSettings, Settings
-from streams.demo import DemoOptions, run_demo
+from streams.demo import DemoOptions, _progress_routine, run_demo
+from streams.processes import ProcessGroup, ServiceProcess
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-
+@pytest.mark.integration
+@pytest.mark.slow
 def test_small_demo_end_to_end(tmp_path: Path) -> None:
     settings = Settings(
         artifact_dir=tmp_path / "artifacts",
@@ -48,3 +53,38 @@ def test_demo_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
     assert "trace requests to replay (default: 80)" in text
     assert "seconds over which the requests arrive (default: 60.0)" in text
     assert "concurrent attempts per worker process (default: 2)" in text
+
+
+def _exited_child(tmp_path: Path, name: str, status: int) -> ServiceProcess:
+    process = subprocess.Popen([sys.executable, "-c", f"raise SystemExit({status})"])
+    process.wait()
+    return ServiceProcess(name, "gpu-worker", process, tmp_path / f"{name}.log")
+
+
+async def test_progress_warns_once_per_exit(tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    processes = ProcessGroup(tmp_path, {})
+    first = _exited_child(tmp_path, "gpu-worker-1", 3)
+    processes.processes.append(first)
+    caplog.set_level(logging.WARNING, logger="streams.demo")
+
+    routine = asyncio.create_task(_progress_routine({}, 4, processes, interval_s=0.01))
+    await asyncio.sleep(0.2)
+    second = _exited_child(tmp_path, "gpu-worker-2", 1)
+    processes.processes.append(second)
+    await asyncio.sleep(0.2)
+    routine.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await routine
+
+    warnings = [record.getMessage() for record in caplog.records
+                if record.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert warnings[0] == (f"gpu-worker-1 (pid {first.pid}) exited with status 3; "
+                           f"see {first.log_path}")
+    assert warnings[1] == (f"gpu-worker-2 (pid {second.pid}) exited with status 1; "
+                           f"see {second.log_path}")
+    progress_lines = capsys.readouterr().out.splitlines()
+    assert len(progress_lines) > 10
+    assert all(line == "  0/4 jobs ended {}" for line in progress_lines), progress_lines
