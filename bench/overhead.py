@@ -16,16 +16,17 @@ import collections
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -78,6 +79,8 @@ REPRODUCE = (
     ".venv/bin/slotforge bench overhead --out bench/results/overhead.json\n"
     ".venv/bin/python -m bench.render"
 )
+
+T = TypeVar("T")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -145,6 +148,57 @@ class OverheadConfig:
                         simulation=simulation, racing_policy=RacingPolicy.ADAPTIVE)
 
 
+def run_until_sigterm(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` with ``asyncio.run``, cancelling it on SIGTERM, then exit with 143.
+
+    The handler of ``exit_on_sigterm`` raises SystemExit wherever the signal lands. When that
+    is inside an aiokafka task, the SystemExit stops the event loop before the ``async with``
+    blocks have stopped their producers and consumers, and asyncio logs "Task was destroyed
+    but it is pending".
+    Here the signal cancels the coroutine instead, and SystemExit follows once the loop has
+    closed, so the callers' ``with`` blocks still stop the processes and the broker. Later
+    SIGTERMs are ignored, as there.
+
+    NOTE: a SIGTERM that arrives while the coroutine already stops its clients on its normal
+    way out cancels that stop, and a client it had not reached stays unclosed.
+    """
+    terminated = False
+    loop: asyncio.AbstractEventLoop | None = None
+    main_task: asyncio.Task[T] | None = None
+
+    def cancel_on_sigterm(signum: int, frame: object) -> None:
+        nonlocal terminated
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        terminated = True
+        # The handler runs between two bytecodes of the loop's own thread, maybe inside a
+        # task, so it only schedules the cancellation.
+        if loop is not None and main_task is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(main_task.cancel)
+
+    async def cancellable() -> T:
+        nonlocal loop, main_task
+        loop = asyncio.get_running_loop()
+        main_task = asyncio.current_task()
+        if terminated:
+            coroutine.close()
+            raise asyncio.CancelledError
+        return await coroutine
+
+    previous = signal.signal(signal.SIGTERM, cancel_on_sigterm)
+    try:
+        result = asyncio.run(cancellable())
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+    else:
+        if not terminated:
+            return result
+    finally:
+        if not terminated:
+            signal.signal(signal.SIGTERM, previous)
+    sys.exit(128 + signal.SIGTERM)
+
+
 def run(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Measure the maximum rate, then the hop latencies at a fraction of it; write the JSON."""
     config = OverheadConfig.from_args(args)
@@ -157,14 +211,14 @@ def run(out: Path, args: argparse.Namespace) -> dict[str, Any]:
                                 run_dir)
         with PipelineRun(settings, config.workers, run_dir / "logs") as pipeline:
             pipeline.processes.start("delivery")
-            ready_s = asyncio.run(pipeline.wait_ready())
+            ready_s = run_until_sigterm(pipeline.wait_ready())
             throughput = _measure_throughput(pipeline, config, run_dir)
             rate = config.load * throughput["coordinator_jobs_per_s"]
             progress(f"latency stream: {config.latency_jobs} jobs at {rate:.1f} jobs/s")
             schedule = _stream(config, rate)
-            outcomes = asyncio.run(pipeline.replay(schedule, 120.0))
-            events = asyncio.run(_read_hop_events(pipeline, {request.job_id
-                                                             for _, request in schedule}))
+            outcomes = run_until_sigterm(pipeline.replay(schedule, 120.0))
+            events = run_until_sigterm(_read_hop_events(pipeline, {request.job_id
+                                                                    for _, request in schedule}))
             pipeline.check_alive()
 
     hops = hop_latencies(outcomes, events, config.slots_per_job)
@@ -221,19 +275,20 @@ def _measure_throughput(pipeline: PipelineRun, config: OverheadConfig,
 
     input_topics = [pipeline.settings.topics.jobs_requested,
                     pipeline.settings.topics.coordinator_events]
-    records_before = asyncio.run(_record_count(pipeline.settings.kafka, input_topics))
+    records_before = run_until_sigterm(_record_count(pipeline.settings.kafka, input_topics))
 
     progress(f"burst: {config.burst_jobs} jobs at once")
     started = time.monotonic()
-    completed = asyncio.run(_burst(pipeline, [_request(config, index)
-                                              for index in range(config.burst_jobs)]))
+    completed = run_until_sigterm(_burst(pipeline, [_request(config, index)
+                                                    for index in range(config.burst_jobs)]))
     wall_s = time.monotonic() - started
     cpu_s = {name: _cpu_s(process) - cpu_before[name]
              for name, process in processes.items() if process.is_running()}
     cpu_share = {name: used_s / wall_s for name, used_s in cpu_s.items()}
     # Every record on the coordinator's two input topics during the burst counts, late
     # events of the warm-up job included. Each record is one faust event for the coordinator.
-    consumed = asyncio.run(_record_count(pipeline.settings.kafka, input_topics)) - records_before
+    records_after = run_until_sigterm(_record_count(pipeline.settings.kafka, input_topics))
+    consumed = records_after - records_before
 
     profile: dict[str, Any] = {}
     if profiler is not None:
