@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.pipeline_run import run_until_sigterm
 from gpu_inference.affinity import (
     LoadCosts,
     Placement,
@@ -154,7 +155,7 @@ def run_batching(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         # Rotate the order each round so no run always comes first or last.
         shift = round_index % len(runs)
         for name, size in runs[shift:] + runs[:shift]:
-            seconds, latencies, count = asyncio.run(
+            seconds, latencies, count = run_until_sigterm(
                 _drain_backlog(runners[name], size, per_round, args))
             elapsed_s[name, size] += seconds
             latencies_s[name, size] += latencies

@@ -16,17 +16,16 @@ import collections
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
 import time
 import uuid
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 
@@ -41,6 +40,7 @@ from bench.pipeline_run import (
     percentile,
     read_attempt_log,
     run_settings,
+    run_until_sigterm,
 )
 from bench.suite_support import (
     BenchArgumentError,
@@ -80,7 +80,6 @@ REPRODUCE = (
     ".venv/bin/python -m bench.render"
 )
 
-T = TypeVar("T")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,57 +145,6 @@ class OverheadConfig:
                                         acceptance=1.0)
         return PoolSpec(workers=self.workers, slots_per_worker=self.worker_slots,
                         simulation=simulation, racing_policy=RacingPolicy.ADAPTIVE)
-
-
-def run_until_sigterm(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run ``coroutine`` with ``asyncio.run``, cancelling it on SIGTERM, then exit with 143.
-
-    The handler of ``exit_on_sigterm`` raises SystemExit wherever the signal lands. When that
-    is inside an aiokafka task, the SystemExit stops the event loop before the ``async with``
-    blocks have stopped their producers and consumers, and asyncio logs "Task was destroyed
-    but it is pending".
-    Here the signal cancels the coroutine instead, and SystemExit follows once the loop has
-    closed, so the callers' ``with`` blocks still stop the processes and the broker. Later
-    SIGTERMs are ignored, as there.
-
-    NOTE: a SIGTERM that arrives while the coroutine already stops its clients on its normal
-    way out cancels that stop, and a client it had not reached stays unclosed.
-    """
-    terminated = False
-    loop: asyncio.AbstractEventLoop | None = None
-    main_task: asyncio.Task[T] | None = None
-
-    def cancel_on_sigterm(signum: int, frame: object) -> None:
-        nonlocal terminated
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        terminated = True
-        # The handler runs between two bytecodes of the loop's own thread, maybe inside a
-        # task, so it only schedules the cancellation.
-        if loop is not None and main_task is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(main_task.cancel)
-
-    async def cancellable() -> T:
-        nonlocal loop, main_task
-        loop = asyncio.get_running_loop()
-        main_task = asyncio.current_task()
-        if terminated:
-            coroutine.close()
-            raise asyncio.CancelledError
-        return await coroutine
-
-    previous = signal.signal(signal.SIGTERM, cancel_on_sigterm)
-    try:
-        result = asyncio.run(cancellable())
-    except asyncio.CancelledError:
-        if not terminated:
-            raise
-    else:
-        if not terminated:
-            return result
-    finally:
-        if not terminated:
-            signal.signal(signal.SIGTERM, previous)
-    sys.exit(128 + signal.SIGTERM)
 
 
 def run(out: Path, args: argparse.Namespace) -> dict[str, Any]:

@@ -12,7 +12,6 @@ strict-priority tier policy with aging. The RSS of every process is sampled each
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import math
@@ -41,6 +40,7 @@ from bench.pipeline_run import (
     machine_description,
     percentile,
     run_settings,
+    run_until_sigterm,
 )
 from bench.suite_support import BenchArgumentError
 from infra.kafka_broker import KafkaBroker
@@ -359,16 +359,16 @@ def _run_policy(bootstrap_servers: str, config: OverloadConfig, policy: str,
     run_dir = config.work_dir / "runs" / policy
     settings = policy_settings(bootstrap_servers, config, policy, run_dir)
     started = time.monotonic()
-    asyncio.run(create_changelog(settings))
+    run_until_sigterm(create_changelog(settings))
     with PipelineRun(settings, config.workers, run_dir / "logs") as pipeline:
         ready_s = _wait_ready(pipeline)
         with RssSampler(pipeline) as sampler:
-            outcomes = asyncio.run(pipeline.replay(schedule, max(config.deadlines_s.values())
+            outcomes = run_until_sigterm(pipeline.replay(schedule, max(config.deadlines_s.values())
                                                    + 60.0))
             job_ids = {request.job_id for _, request in schedule}
-            log = asyncio.run(pipeline.attempt_log(job_ids))
-        dispatched = asyncio.run(read_dispatches(settings.kafka, job_ids))
-        claims = asyncio.run(read_claims(settings.kafka, job_ids))
+            log = run_until_sigterm(pipeline.attempt_log(job_ids))
+        dispatched = run_until_sigterm(read_dispatches(settings.kafka, job_ids))
+        claims = run_until_sigterm(read_claims(settings.kafka, job_ids))
         pipeline.check_alive()
     metrics = policy_metrics(schedule, outcomes, log, dispatched,
                              config.workers * config.worker_slots)
@@ -413,7 +413,7 @@ def _wait_ready(pipeline: PipelineRun, tries: int = 3) -> float:
     waited_s = 0.0
     for attempt in range(1, tries + 1):
         try:
-            return waited_s + asyncio.run(pipeline.wait_ready(timeout_s=60.0))
+            return waited_s + run_until_sigterm(pipeline.wait_ready(timeout_s=60.0))
         except TimeoutError:
             waited_s += 60.0
             if attempt == tries:

@@ -41,6 +41,7 @@ from bench.pipeline_run import (
     outcome_counts,
     percentile,
     run_settings,
+    run_until_sigterm,
 )
 from bench.redis_server import RedisServer, redis_server_version
 from bench.suite_support import (
@@ -274,10 +275,10 @@ def _run_slotforge(bootstrap_servers: str, config: PeersConfig, scenario: str,
     started = time.monotonic()
     with PipelineRun(settings, config.workers, run_dir / "logs",
                      static_membership=True) as pipeline:
-        ready_s = asyncio.run(pipeline.wait_ready())
-        outcomes = asyncio.run(_replay_slotforge(pipeline, config, scenario, schedule, kills))
+        ready_s = run_until_sigterm(pipeline.wait_ready())
+        outcomes = run_until_sigterm(_replay_slotforge(pipeline, config, scenario, schedule, kills))
         load_average_1m = os.getloadavg()[0]
-        log = asyncio.run(pipeline.attempt_log({request.job_id for _, request in schedule},
+        log = run_until_sigterm(pipeline.attempt_log({request.job_id for _, request in schedule},
                                                settle_timeout_s=10.0 if kills else 30.0))
         pipeline.check_alive()
 

@@ -21,11 +21,11 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from aiokafka.admin import AIOKafkaAdminClient
@@ -63,6 +63,7 @@ from streams.racing import RacingPolicy
 from streams.trace_replay import replay
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The warm-up job uses its own model name, so its verdicts never feed the acceptance
 # estimate of a measured job's parameter class.
@@ -129,6 +130,57 @@ def exit_on_sigterm() -> None:
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, leave)
+
+
+def run_until_sigterm(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` with ``asyncio.run``, cancelling it on SIGTERM, then exit with 143.
+
+    The handler of ``exit_on_sigterm`` raises SystemExit wherever the signal lands. When that
+    is inside an aiokafka task, the SystemExit stops the event loop before the ``async with``
+    blocks have stopped their producers and consumers, and asyncio logs "Task was destroyed
+    but it is pending".
+    Here the signal cancels the coroutine instead, and SystemExit follows once the loop has
+    closed, so the callers' ``with`` blocks still stop the processes and the broker. Later
+    SIGTERMs are ignored, as there.
+
+    NOTE: a SIGTERM that arrives while the coroutine already stops its clients on its normal
+    way out cancels that stop, and a client it had not reached stays unclosed.
+    """
+    terminated = False
+    loop: asyncio.AbstractEventLoop | None = None
+    main_task: asyncio.Task[T] | None = None
+
+    def cancel_on_sigterm(signum: int, frame: object) -> None:
+        nonlocal terminated
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        terminated = True
+        # The handler runs between two bytecodes of the loop's own thread, maybe inside a
+        # task, so it only schedules the cancellation.
+        if loop is not None and main_task is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(main_task.cancel)
+
+    async def cancellable() -> T:
+        nonlocal loop, main_task
+        loop = asyncio.get_running_loop()
+        main_task = asyncio.current_task()
+        if terminated:
+            coroutine.close()
+            raise asyncio.CancelledError
+        return await coroutine
+
+    previous = signal.signal(signal.SIGTERM, cancel_on_sigterm)
+    try:
+        result = asyncio.run(cancellable())
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+    else:
+        if not terminated:
+            return result
+    finally:
+        if not terminated:
+            signal.signal(signal.SIGTERM, previous)
+    sys.exit(128 + signal.SIGTERM)
 
 
 def fresh_prefix(tag: str) -> str:

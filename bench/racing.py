@@ -16,7 +16,6 @@ policies' p99 rests on thousands of jobs instead of 80.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
 import json
 import math
@@ -42,6 +41,7 @@ from bench.pipeline_run import (
     outcome_counts,
     percentile,
     run_settings,
+    run_until_sigterm,
 )
 from bench.racing_sim import SimConfig, simulate_suite
 from bench.suite_support import (
@@ -311,10 +311,10 @@ def _run_pipeline(bootstrap_servers: str, config: RacingConfig, tag: str, policy
                             config.pool(policy), run_dir)
     started = time.monotonic()
     with PipelineRun(settings, config.workers, run_dir / "logs") as pipeline:
-        ready_s = asyncio.run(pipeline.wait_ready())
-        outcomes = asyncio.run(pipeline.replay(schedule, config.deadline_s + 60.0))
+        ready_s = run_until_sigterm(pipeline.wait_ready())
+        outcomes = run_until_sigterm(pipeline.replay(schedule, config.deadline_s + 60.0))
         load_average_1m = os.getloadavg()[0]
-        log = asyncio.run(pipeline.attempt_log({request.job_id for _, request in schedule}))
+        log = run_until_sigterm(pipeline.attempt_log({request.job_id for _, request in schedule}))
         pipeline.check_alive()
     return _RunRecord(outcomes, log, ready_s, time.monotonic() - started,
                       str(run_dir / "logs"), load_average_1m)

@@ -42,6 +42,7 @@ from bench.pipeline_run import (
     machine_description,
     read_attempt_log,
     run_settings,
+    run_until_sigterm,
 )
 from infra.kafka_broker import KafkaBroker
 from schemas.events import (
@@ -1098,7 +1099,7 @@ async def run_suite(work_dir: Path, jobs: int, overload_s: float) -> dict[str, A
 
 
 def run(out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    results = asyncio.run(run_suite(args.work_dir, args.jobs, args.overload_s))
+    results = run_until_sigterm(run_suite(args.work_dir, args.jobs, args.overload_s))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_page(results)
     return results

@@ -29,6 +29,7 @@ import numpy as np
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from bench.pipeline_run import run_until_sigterm
 from consumers import span_sink
 from infra.clickhouse import ensure_schema, insert_spans, open_client, quote_table
 from infra.kafka_broker import KafkaBroker
@@ -465,7 +466,7 @@ def run(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         )
         broker.start()
         try:
-            ingest = asyncio.run(_ingest(settings, ingest_rows, args.ingest_runs))
+            ingest = run_until_sigterm(_ingest(settings, ingest_rows, args.ingest_runs))
         finally:
             broker.stop()
         queries = _time_queries(settings, query_rows, args.repeats)

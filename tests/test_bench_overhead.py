@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
-import signal
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from bench import overhead
-from bench.pipeline_run import AttemptLog, JobOutcome, exit_on_sigterm
+from bench.pipeline_run import AttemptLog, JobOutcome
 from infra.kafka_broker import KafkaBroker
 from schemas.events import (
     AttemptDispatched,
@@ -203,56 +199,3 @@ def test_invalid_argument_one_line(flag: str, value: str, tmp_path: Path,
     assert err.startswith(f"slotforge: error: {flag} must be")
     assert "Traceback" not in err
     assert not (tmp_path / "o.json").exists()
-
-
-@pytest.fixture
-def sigterm_exits() -> Iterator[None]:
-    """Install the SIGTERM handler of ``slotforge bench``, and restore the old one after."""
-    previous = signal.getsignal(signal.SIGTERM)
-    exit_on_sigterm()
-    yield
-    signal.signal(signal.SIGTERM, previous)
-
-
-@pytest.mark.usefixtures("sigterm_exits")
-def test_run_until_sigterm_finishes_cleanup() -> None:
-    stopped: list[str] = []
-
-    async def background_routine() -> None:
-        # Like aiokafka's sender task: the signal lands in this task's step, and a
-        # cancellation ends it cleanly.
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            stopped.append("background")
-
-    async def work() -> None:
-        background = asyncio.create_task(background_routine())
-        try:
-            await asyncio.sleep(10)
-        finally:
-            # Like a producer's stop, which awaits its sender task.
-            background.cancel()
-            await background
-            await asyncio.sleep(0)
-            stopped.append("work")
-
-    with pytest.raises(SystemExit) as exit_info:
-        overhead.run_until_sigterm(work())
-
-    assert exit_info.value.code == 128 + signal.SIGTERM
-    assert stopped == ["background", "work"]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
-
-
-@pytest.mark.usefixtures("sigterm_exits")
-def test_run_until_sigterm_returns_result() -> None:
-    handler = signal.getsignal(signal.SIGTERM)
-
-    async def work() -> int:
-        await asyncio.sleep(0)
-        return 7
-
-    assert overhead.run_until_sigterm(work()) == 7
-    assert signal.getsignal(signal.SIGTERM) is handler
