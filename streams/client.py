@@ -103,8 +103,11 @@ class SlotforgeClient:
         for waiter in self._waiters.values():
             if not waiter.done():
                 waiter.cancel()
-        await self._consumer.stop()
-        await self._producer.stop()
+        try:
+            await self._consumer.stop()
+        finally:
+            # Stopped even when the consumer fails or is cancelled while stopping.
+            await self._producer.stop()
 
     async def submit(self, request: JobRequested) -> str:
         """Publish a job request and return its job id; await the outcome with ``wait``."""
