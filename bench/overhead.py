@@ -49,6 +49,7 @@ from bench.suite_support import (
     local_broker,
     machine_paragraph,
     progress,
+    reproduce_command,
     wrap,
 )
 from schemas.events import (
@@ -586,12 +587,14 @@ def render_markdown(results: dict[str, Any]) -> str:
                      f"{format_number(target['measured'], 1)}, {verdict}.")
     lines += [""]
     lines += _profile_lines(throughput.get("profile") or {}, parameters["profile_s"])
+    reproduce = reproduce_command(setup["commands"].get("argv"), "bench/results/overhead.json",
+                                  setup["commands"]["reproduce"])
     machine = machine_paragraph(
         setup, compare=f"absolute times are noisy (1-minute load average at the end: "
                        f"{setup['load_average_1m']:.1f})")
     lines += [
         wrap(machine),
-        "", "Reproduce:", "", "```", setup["commands"]["reproduce"], "```", "",
+        "", "Reproduce:", "", "```", reproduce, "```", "",
     ]
     return "\n".join(lines)
 

@@ -51,6 +51,7 @@ from bench.suite_support import (
     local_broker,
     machine_paragraph,
     progress,
+    reproduce_command,
     unique_job_schedule,
     wrap,
 )
@@ -641,9 +642,11 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += [wrap(paragraph), ""]
     lines += ["What the Celery baseline tuned, following Celery's documentation:", ""]
     lines += [f"- {item}" for item in setup["celery"]]
+    reproduce = reproduce_command(setup["commands"].get("argv"), "bench/results/peers.json",
+                                  setup["commands"]["reproduce"])
     machine = machine_paragraph(
         setup, software=f"redis-server {setup['redis_server']}",
         compare="compare the systems within one scenario, not absolute times across runs")
     lines += ["", wrap(machine), "", "Reproduce:", "", "```",
-              setup["commands"]["reproduce"], "```", ""]
+              reproduce, "```", ""]
     return "\n".join(lines)

@@ -52,6 +52,7 @@ from bench.suite_support import (
     local_broker,
     machine_paragraph,
     progress,
+    reproduce_command,
     unique_job_schedule,
     wrap,
 )
@@ -667,10 +668,12 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines.append("")
     if results["cache"]:
         lines += _cache_section(results["cache"], setup)
+    reproduce = reproduce_command(setup["commands"].get("argv"), "bench/results/racing.json",
+                                  setup["commands"]["reproduce"])
     machine = machine_paragraph(
         setup, compare="compare policies within one load, not absolute times across runs")
     lines += [wrap(machine), "", "Reproduce:", "", "```",
-              setup["commands"]["reproduce"], "```", ""]
+              reproduce, "```", ""]
     if results.get("simulated"):
         lines += _simulated_section(results["simulated"])
     return "\n".join(lines)

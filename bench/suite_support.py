@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -33,6 +34,34 @@ def local_broker(work_dir: Path, bootstrap_servers: str | None) -> Iterator[str]
         yield broker.bootstrap_servers
     finally:
         broker.stop()
+
+
+# Arguments naming this machine's folders or broker, which a rerun picks for itself.
+LOCAL_ARGUMENTS = frozenset({"--out", "--work-dir", "--bootstrap-servers"})
+
+
+def reproduce_command(argv: Sequence[str] | None, results_path: str, default: str) -> str:
+    """Return the commands that repeat a recorded run and render the page again.
+
+    ``argv`` is the run's command line, from ``slotforge`` on. Its own arguments are kept,
+    apart from local folders and brokers, and the results go to ``results_path``. A record
+    without ``argv`` gives ``default``.
+    """
+    if not argv:
+        return default
+    arguments: list[str] = []
+    skip_value = False
+    for argument in argv[1:]:
+        if skip_value:
+            skip_value = False
+            continue
+        name, has_value, _ = argument.partition("=")
+        if name in LOCAL_ARGUMENTS:
+            skip_value = not has_value
+            continue
+        arguments.append(shlex.quote(argument))
+    return (f".venv/bin/slotforge {' '.join(arguments)} --out {results_path}\n"
+            ".venv/bin/python -m bench.render")
 
 
 def progress(message: str) -> None:
