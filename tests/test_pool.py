@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from schemas.events import Tier, WorkerStatus
 from streams import pool as pool_module
@@ -93,8 +96,8 @@ def test_mean_attempt_time_in_window() -> None:
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def _report(busy: int, at_s: float, slots: int = 4) -> WorkerStatus:
-    return WorkerStatus(worker_id="w1", slots=slots, busy=busy,
+def _report(busy: int, at_s: float, slots: int = 4, worker_id: str = "w1") -> WorkerStatus:
+    return WorkerStatus(worker_id=worker_id, slots=slots, busy=busy,
                         emitted_at=T0 + timedelta(seconds=at_s))
 
 
@@ -172,6 +175,87 @@ def test_busy_stays_within_slots() -> None:
     pool.slot_taken("w1", "b", _at(1.5))
     pool.slot_freed("w1", "b", _at(3.0))
     assert pool.busy_of("w1") == 0
+
+
+class _BusyReference:
+    """Brute-force model of PoolMonitor's busy slots, which sums every slot change at each call."""
+
+    def __init__(self) -> None:
+        self.reports: dict[str, WorkerStatus] = {}
+        self.holders: dict[str, str] = {}
+        self.changes: list[tuple[str, float, int]] = []
+
+    def observe(self, status: WorkerStatus) -> None:
+        self.reports[status.worker_id] = status
+
+    def slot_taken(self, worker_id: str, attempt_id: str, at_s: float) -> None:
+        # A repeated start on the same worker counts once. A start elsewhere moves the holder.
+        if self.holders.get(attempt_id) == worker_id:
+            return
+        self.holders[attempt_id] = worker_id
+        self.changes.append((worker_id, at_s, 1))
+
+    def slot_freed(self, worker_id: str, attempt_id: str, at_s: float) -> None:
+        # Only the worker whose slot the attempt occupies frees it.
+        if self.holders.get(attempt_id) != worker_id:
+            return
+        del self.holders[attempt_id]
+        self.changes.append((worker_id, at_s, -1))
+
+    def busy_of(self, worker_id: str) -> int:
+        status = self.reports.get(worker_id)
+        if status is None:
+            return 0
+        reported_at = status.emitted_at.timestamp()
+        moved = sum(delta for changed_on, at_s, delta in self.changes
+                    if changed_on == worker_id and at_s > reported_at)
+        return max(0, min(status.slots, min(status.busy, status.slots) + moved))
+
+
+_WORKERS = ("w1", "w2")
+# Half seconds, so a change often carries the same timestamp as a report.
+_SECONDS = st.integers(min_value=0, max_value=16).map(lambda halves: halves / 2)
+_POOL_EVENTS = st.lists(
+    st.one_of(
+        # A report: worker, emitted_at, busy (more than slots at times), slots.
+        st.tuples(st.just("report"), st.sampled_from(_WORKERS), _SECONDS,
+                  st.integers(min_value=0, max_value=5), st.integers(min_value=1, max_value=3)),
+        # A start or finish: worker, attempt id, the worker's timestamp.
+        st.tuples(st.sampled_from(["taken", "freed"]), st.sampled_from(_WORKERS),
+                  st.sampled_from(["a", "b", "c"]), _SECONDS),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300)
+@given(_POOL_EVENTS)
+def test_busy_matches_recount_of_changes(events: list[tuple[Any, ...]]) -> None:
+    pool = PoolMonitor(status_ttl_s=60.0)
+    reference = _BusyReference()
+    reported_s: dict[str, float] = {}
+    for event in events:
+        if event[0] == "report":
+            _, worker_id, at_s, busy, slots = event
+            # Reports of one worker share a Kafka key, so they arrive in the order sent.
+            # PoolMonitor drops the changes a report counts and cannot restore them for an
+            # older report, so emitted_at never goes back here.
+            at_s = max(at_s, reported_s.get(worker_id, at_s))
+            reported_s[worker_id] = at_s
+            status = _report(busy, at_s, slots, worker_id=worker_id)
+            pool.observe(status)
+            reference.observe(status)
+        elif event[0] == "taken":
+            _, worker_id, attempt_id, at_s = event
+            pool.slot_taken(worker_id, attempt_id, _at(at_s))
+            reference.slot_taken(worker_id, attempt_id, _at(at_s))
+        else:
+            _, worker_id, attempt_id, at_s = event
+            pool.slot_freed(worker_id, attempt_id, _at(at_s))
+            reference.slot_freed(worker_id, attempt_id, _at(at_s))
+
+        for worker_id in _WORKERS:
+            assert pool.busy_of(worker_id) == reference.busy_of(worker_id), worker_id
 
 
 def test_started_attempt_leaves_queue() -> None:

@@ -12,6 +12,7 @@ from streams.racing import (
     RacingPolicy,
     ServiceTimes,
     attempts_to_launch,
+    is_straggling,
     straggler_threshold_s,
     stragglers,
     worth_finishing,
@@ -91,6 +92,41 @@ def test_fast_class_gets_the_straggler_floor() -> None:
     }
 
     assert stragglers(runs, typical_service_s=0.002) == ["slow"]
+
+
+def test_straggler_floor_boundary() -> None:
+    assert straggler_threshold_s(0.05) == STRAGGLER_MIN_REMAINING_S
+    assert straggler_threshold_s(0.06) == pytest.approx(0.12)
+    assert straggler_threshold_s(0.002, factor=100.0) == pytest.approx(0.2)
+    # An attempt with exactly the floor left is no straggler.
+    at_floor = AttemptRun(running_s=0.05, steps_done=2, total_steps=6)
+    assert at_floor.remaining_s() == pytest.approx(STRAGGLER_MIN_REMAINING_S)
+    assert not is_straggling(at_floor, STRAGGLER_MIN_REMAINING_S)
+
+
+def test_heartbeat_checks_use_straggler_floor() -> None:
+    # Attempts of this class take 2 ms, so factor times typical would be only 4 ms.
+    times = ServiceTimes(min_samples=1)
+    times.observe("M1|8x8|30", 0.002)
+    running = RunningAttempts()
+    for attempt_id, step_s in (("jittered", 0.003), ("slow", 0.01)):
+        running.started(attempt_id, "M1|8x8|30")
+        for step in range(1, 4):
+            running.progress(attempt_id, step=step, total_steps=30, at_s=step * step_s)
+
+    runs = running.runs(["jittered", "slow"])
+    assert runs["jittered"].remaining_s() == pytest.approx(0.081)
+    assert runs["slow"].remaining_s() == pytest.approx(0.27)
+
+    # The coordinator's check at each heartbeat.
+    assert not running.is_straggler("jittered", times)
+    assert running.is_straggler("slow", times)
+
+    # The worker's own check, with the threshold that the dispatch carries.
+    dispatched_threshold_s = straggler_threshold_s(times.median_s("M1|8x8|30"))
+    assert dispatched_threshold_s is not None
+    assert not is_straggling(runs["jittered"], dispatched_threshold_s)
+    assert is_straggling(runs["slow"], dispatched_threshold_s)
 
 
 def test_service_times_median_after_samples() -> None:
