@@ -64,6 +64,8 @@ from streams.trace_replay import replay
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+# Seconds between two cancellations of a benchmark coroutine after SIGTERM.
+CANCEL_REPEAT_S = 0.5
 
 # The warm-up job uses its own model name, so its verdicts never feed the acceptance
 # estimate of a measured job's parameter class.
@@ -156,8 +158,16 @@ def run_until_sigterm(coroutine: Coroutine[Any, Any, T]) -> T:
         terminated = True
         # The handler runs between two bytecodes of the loop's own thread, maybe inside a
         # task, so it only schedules the cancellation.
-        if loop is not None and main_task is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(main_task.cancel)
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(cancel_until_done)
+
+    def cancel_until_done() -> None:
+        # Asked again until the task ends, because a wait_for or a retry loop in the
+        # coroutine may swallow one cancellation and carry on.
+        if loop is None or main_task is None or main_task.done():
+            return
+        main_task.cancel()
+        loop.call_later(CANCEL_REPEAT_S, cancel_until_done)
 
     async def cancellable() -> T:
         nonlocal loop, main_task
@@ -171,7 +181,8 @@ def run_until_sigterm(coroutine: Coroutine[Any, Any, T]) -> T:
     previous = signal.signal(signal.SIGTERM, cancel_on_sigterm)
     try:
         result = asyncio.run(cancellable())
-    except asyncio.CancelledError:
+    except BaseException:
+        # After a SIGTERM the run ends with 143, whichever error its cancellation raised.
         if not terminated:
             raise
     else:
@@ -256,7 +267,7 @@ class PipelineRun:
         # metadata yet, so the run creates that topic up front.
         changelog = (f"{self.settings.kafka.topic_prefix}{self.settings.coordinator.app_id}"
                      "-flights-changelog")
-        asyncio.run(_create_topics_with_leaders(self.settings.kafka,
+        run_until_sigterm(_create_topics_with_leaders(self.settings.kafka,
                                                 [*self.settings.topics.all, changelog]))
         self.processes.start("coordinator")
         self.processes.start("postprocess")

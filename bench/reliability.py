@@ -290,6 +290,7 @@ async def run_fault(fault: Fault, bootstrap_servers: str, run_dir: Path, *,
     started = time.monotonic()
     if fault.store_outage:
         context.store_outage.enter_context(clickhouse_unavailable(settings.clickhouse.dsn))
+    action: asyncio.Task[dict[str, Any]] | None = None
     try:
         await pipeline.start()
         async with SlotforgeClient(settings.kafka) as client:
@@ -299,6 +300,11 @@ async def run_fault(fault: Fault, bootstrap_servers: str, run_dir: Path, *,
         # Give the critical consumer time to apply the last completions before stopping.
         await wait_delivered(settings, set(outcome.completed), timeout_s=60.0)
     finally:
+        # A run cut short stops the fault first, since the fault may start a process that a
+        # stop already under way would miss.
+        if action is not None and not action.done():
+            action.cancel()
+            await asyncio.gather(action, return_exceptions=True)
         await asyncio.to_thread(pipeline.stop)
         context.store_outage.close()
     result = await check_invariants(fault.name, settings, outcome, pipeline)

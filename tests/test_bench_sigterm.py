@@ -63,3 +63,40 @@ def test_run_until_sigterm_returns_result() -> None:
 
     assert run_until_sigterm(work()) == 7
     assert signal.getsignal(signal.SIGTERM) is handler
+
+
+@pytest.mark.usefixtures("sigterm_exits")
+def test_swallowed_cancellation_asked_again() -> None:
+    tries: list[int] = []
+
+    async def work() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        # Like a retry loop around a wait that turns a cancellation into a timeout.
+        while True:
+            tries.append(len(tries))
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                if len(tries) > 1:
+                    raise
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_until_sigterm(work())
+
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert tries == [0, 1]
+
+
+@pytest.mark.usefixtures("sigterm_exits")
+def test_other_error_after_sigterm_exits() -> None:
+    async def work() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            raise TimeoutError("waiting for the pipeline") from None
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_until_sigterm(work())
+
+    assert exit_info.value.code == 128 + signal.SIGTERM
