@@ -31,7 +31,7 @@ class RacingPolicy(StrEnum):
 # Acceptance estimates below this are clamped, so one unlucky class cannot launch hundreds.
 MIN_ACCEPTANCE = 0.1
 # An attempt whose projected remaining time exceeds this many typical service times of its
-# class is a straggler: a fresh attempt is expected to finish sooner.
+# class, and the floor below, is a straggler: a fresh attempt is expected to finish sooner.
 STRAGGLER_FACTOR = 2.0
 # Attempts with fewer steps measured than this are not judged, because a few milliseconds
 # of scheduling jitter on one short step could mark a normal attempt as slow. The simulation,
@@ -133,7 +133,8 @@ def stragglers(runs: Mapping[str, AttemptRun], typical_service_s: float | None,
 
     Service times are heavy-tailed and fixed per attempt, so an attempt's step rate after
     its first steps predicts its total time. One whose remaining time exceeds ``factor``
-    typical service times costs more GPU time and latency than starting over.
+    typical service times, and at least ``STRAGGLER_MIN_REMAINING_S``, costs more GPU time
+    and latency than starting over.
     """
     threshold_s = straggler_threshold_s(typical_service_s, factor)
     if threshold_s is None:
