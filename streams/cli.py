@@ -105,6 +105,36 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return replay_command(load_settings(), args)
 
 
+def _positive_int(text: str) -> int:
+    """Parse a count that must be at least 1."""
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: use a whole number") from err
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    """Parse a duration in seconds that must be above 0."""
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"invalid seconds {text!r}: use a number") from err
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def _existing_file(text: str) -> Path:
+    """Check an input file before the demo deletes the previous run and starts a broker."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"file not found: {path}")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slotforge", description="Event-driven diffusion inference on Kafka"
@@ -113,17 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="replay the Alibaba trace through a local pipeline",
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    demo.add_argument("--jobs", type=int, default=80, help="trace requests to replay")
-    demo.add_argument("--arrival-window", type=float, default=60.0,
+    demo.add_argument("--jobs", type=_positive_int, default=80, help="trace requests to replay")
+    demo.add_argument("--arrival-window", type=_positive_seconds, default=60.0,
                       help="seconds over which the requests arrive")
-    demo.add_argument("--workers", type=int, default=2, help="GPU worker processes")
-    demo.add_argument("--worker-slots", type=int, default=2,
+    demo.add_argument("--workers", type=_positive_int, default=2, help="GPU worker processes")
+    demo.add_argument("--worker-slots", type=_positive_int, default=2,
                       help="concurrent attempts per worker process")
-    demo.add_argument("--timeout", type=float, default=900.0,
+    demo.add_argument("--timeout", type=_positive_seconds, default=900.0,
                       help="seconds to wait for jobs after the last arrival")
     from streams.trace_replay import DEFAULT_TRACE
 
-    demo.add_argument("--trace", type=Path, default=DEFAULT_TRACE,
+    demo.add_argument("--trace", type=_existing_file, default=DEFAULT_TRACE,
                       help="Alibaba lora_request_trace.csv to replay")
     demo.set_defaults(handler=_cmd_demo)
 

@@ -55,6 +55,24 @@ def test_demo_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
     assert "concurrent attempts per worker process (default: 2)" in text
 
 
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--workers", "0"], "argument --workers: must be at least 1, got 0"),
+    (["--jobs", "ten"], "argument --jobs: invalid count 'ten'"),
+    (["--timeout", "-1"], "argument --timeout: must be above 0, got -1"),
+    (["--trace", "missing.csv"], "argument --trace: file not found: missing.csv"),
+])
+def test_invalid_demo_option_rejected(arguments: list[str], message: str, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # Rejected while parsing, before the demo deletes the last run's results.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["demo", *arguments])
+
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def _exited_child(tmp_path: Path, name: str, status: int) -> ServiceProcess:
     process = subprocess.Popen([sys.executable, "-c", f"raise SystemExit({status})"])
     process.wait()
