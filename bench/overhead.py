@@ -535,7 +535,11 @@ def _setup(config: OverheadConfig, ready_s: float, wall_s: float) -> dict[str, A
             "profile_s": config.profile_s,
         },
         "ready_s": ready_s,
-        "commands": {"reproduce": REPRODUCE, "argv": ["slotforge", *sys.argv[1:]]},
+        "commands": {
+            "reproduce": reproduce_command(["slotforge", *sys.argv[1:]],
+                                           "bench/results/overhead.json", REPRODUCE),
+            "argv": ["slotforge", *sys.argv[1:]],
+        },
         "work_dir": str(config.work_dir),
         "wall_s": wall_s,
     }

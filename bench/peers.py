@@ -516,7 +516,11 @@ def _setup(config: PeersConfig, window: Sequence[TraceRequest], window_s: float,
                      "arrival_window_s": window_s},
         "trace": {"file": config.trace.name, "window": "densest", "rows": len(window),
                   "span_s": window[-1].arrival_s if window else 0.0},
-        "commands": {"reproduce": REPRODUCE, "argv": ["slotforge", *sys.argv[1:]]},
+        "commands": {
+            "reproduce": reproduce_command(["slotforge", *sys.argv[1:]],
+                                           "bench/results/peers.json", REPRODUCE),
+            "argv": ["slotforge", *sys.argv[1:]],
+        },
         "work_dir": str(config.work_dir),
         "wall_s": wall_s,
     }

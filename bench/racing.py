@@ -645,7 +645,11 @@ def _setup(config: RacingConfig, capacity: float, window: Sequence[TraceRequest]
         "trace": {"file": config.trace.name, "window": "densest", "rows": len(window),
                   "span_s": window[-1].arrival_s if window else 0.0,
                   "distinct_arrival_seconds": len({row.arrival_s for row in window})},
-        "commands": {"reproduce": REPRODUCE, "argv": ["slotforge", *sys.argv[1:]]},
+        "commands": {
+            "reproduce": reproduce_command(["slotforge", *sys.argv[1:]],
+                                           "bench/results/racing.json", REPRODUCE),
+            "argv": ["slotforge", *sys.argv[1:]],
+        },
         "work_dir": str(config.work_dir),
         "wall_s": wall_s,
     }

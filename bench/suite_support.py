@@ -44,10 +44,10 @@ def reproduce_command(argv: Sequence[str] | None, results_path: str, default: st
     """Return the commands that repeat a recorded run and render the page again.
 
     ``argv`` is the run's command line, from ``slotforge`` on. Its own arguments are kept,
-    apart from local folders and brokers, and the results go to ``results_path``. A record
-    without ``argv`` gives ``default``.
+    apart from local folders and brokers, and the results go to ``results_path``. A run not
+    started as ``slotforge bench``, such as one from a test, gives ``default``.
     """
-    if not argv:
+    if not argv or list(argv[1:2]) != ["bench"]:
         return default
     arguments: list[str] = []
     skip_value = False
@@ -56,7 +56,9 @@ def reproduce_command(argv: Sequence[str] | None, results_path: str, default: st
             skip_value = False
             continue
         name, has_value, _ = argument.partition("=")
-        if name in LOCAL_ARGUMENTS:
+        # argparse also takes an unambiguous prefix, such as --work for --work-dir.
+        if len(name) > 2 and name.startswith("--") and \
+                any(option.startswith(name) for option in LOCAL_ARGUMENTS):
             skip_value = not has_value
             continue
         arguments.append(shlex.quote(argument))

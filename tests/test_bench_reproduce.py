@@ -34,3 +34,14 @@ def test_local_arguments_dropped() -> None:
 def test_record_without_argv_gives_default() -> None:
     assert reproduce_command(None, "bench/results/peers.json", DEFAULT) == DEFAULT
     assert reproduce_command([], "bench/results/peers.json", DEFAULT) == DEFAULT
+    pytest_argv = ["pytest", "-q", "tests/test_bench_peers.py", "--out", "x"]
+    assert reproduce_command(pytest_argv, "bench/results/peers.json", DEFAULT) == DEFAULT
+
+
+def test_abbreviated_local_arguments_dropped() -> None:
+    argv = ["slotforge", "bench", "peers", "--ou", "/tmp/a.json", "--work-d", "/tmp/w",
+            "--bootstrap=127.0.0.1:1", "--jobs", "30"]
+
+    first = reproduce_command(argv, "bench/results/peers.json", DEFAULT).splitlines()[0]
+
+    assert first == ".venv/bin/slotforge bench peers --jobs 30 --out bench/results/peers.json"
