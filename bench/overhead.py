@@ -126,8 +126,10 @@ class OverheadConfig:
                      workers=args.workers, worker_slots=args.worker_slots,
                      profile_s=args.profile_s, work_dir=args.work_dir,
                      bootstrap_servers=args.bootstrap_servers)
-        if config.burst_jobs < 2 or config.latency_jobs < 2:
-            raise BenchArgumentError("--burst-jobs and --latency-jobs must be at least 2")
+        for flag, count in (("--burst-jobs", config.burst_jobs),
+                            ("--latency-jobs", config.latency_jobs)):
+            if count < 2:
+                raise BenchArgumentError(f"{flag} must be at least 2, got {count}")
         if not 0 < config.load <= 1:
             raise BenchArgumentError(f"--load must be in (0, 1], got {config.load}")
         bounds = {"--slots-per-job": (config.slots_per_job, MAX_SLOTS),

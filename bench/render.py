@@ -32,9 +32,11 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--results", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--page", type=Path, default=PAGE)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR,
+                        help="folder of the suites' results JSON files")
+    parser.add_argument("--page", type=Path, default=PAGE, help="Markdown page to write")
     args = parser.parse_args(argv)
     args.page.parent.mkdir(parents=True, exist_ok=True)
     args.page.write_text(render(args.results))

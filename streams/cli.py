@@ -95,7 +95,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     print(module.render_markdown(results))
-    print(f"Results written to {args.out}")
+    # On stderr, so stdout holds only the page's section.
+    print(f"Results written to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -193,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
             module = importlib.import_module(f"bench.{suite}")
         except ModuleNotFoundError:
             continue
-        suite_parser = suites.add_parser(suite, help=(module.__doc__ or "").splitlines()[0])
-        suite_parser.add_argument("--out", type=Path, required=True,
+        suite_parser = suites.add_parser(
+            suite, help=(module.__doc__ or "").splitlines()[0],
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        suite_parser.add_argument("--out", type=Path, required=True, default=argparse.SUPPRESS,
                                   help="file to write the results JSON to")
         module.add_arguments(suite_parser)
         suite_parser.set_defaults(handler=_cmd_bench)
