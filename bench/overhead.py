@@ -16,6 +16,7 @@ import collections
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -76,6 +77,8 @@ HOP_P99_TARGET_MS = 50.0
 THROUGHPUT_TARGET_JOBS_PER_S = 500.0
 # The simulated service time must be positive; a nanosecond is nothing next to a hop.
 ZERO_SERVICE_S = 1e-9
+# Seconds py-spy gets to write its profile after SIGINT.
+PROFILER_STOP_S = 30.0
 REPRODUCE = (
     ".venv/bin/slotforge bench overhead --out bench/results/overhead.json\n"
     ".venv/bin/python -m bench.render"
@@ -223,6 +226,7 @@ def _measure_throughput(pipeline: PipelineRun, config: OverheadConfig,
                        if child.service == "coordinator")
     profile_path = run_dir / "coordinator-profile.txt"
     profiler = _start_profiler(coordinator.pid, config.profile_s, profile_path)
+    profiler_started = time.monotonic()
 
     input_topics = [pipeline.settings.topics.jobs_requested,
                     pipeline.settings.topics.coordinator_events]
@@ -243,9 +247,10 @@ def _measure_throughput(pipeline: PipelineRun, config: OverheadConfig,
 
     profile: dict[str, Any] = {}
     if profiler is not None:
-        profiler.wait()
+        sampled_s = _stop_profiler(profiler, profiler_started)
         profile = summarize_profile(profile_path) if profile_path.exists() else {
             "error": f"py-spy wrote no profile; see {profile_path.with_suffix('.log')}"}
+        profile["sampled_s"] = min(sampled_s, config.profile_s)
 
     # Completion times as the coordinator stamped them; the middle 80% leaves out the
     # ramp-up and the drain of the burst.
@@ -320,6 +325,23 @@ def _start_profiler(pid: int, duration_s: float, out: Path) -> subprocess.Popen[
             [str(py_spy), "record", "--pid", str(pid), "--duration", str(int(duration_s)),
              "--rate", "200", "--format", "raw", "--output", str(out), "--nonblocking"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _stop_profiler(profiler: subprocess.Popen[bytes], started: float) -> float:
+    """Stop py-spy once the burst is over, and return the seconds it sampled.
+
+    On SIGINT py-spy stops sampling and writes what it has, so a burst shorter than
+    ``--profile-s`` neither waits for it nor gets idle samples.
+    """
+    if profiler.poll() is None:
+        profiler.send_signal(signal.SIGINT)
+    try:
+        profiler.wait(timeout=PROFILER_STOP_S)
+    except subprocess.TimeoutExpired:
+        progress(f"py-spy did not stop within {PROFILER_STOP_S:g} s of SIGINT; killing it")
+        profiler.kill()
+        profiler.wait()
+    return time.monotonic() - started
 
 
 def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
@@ -592,7 +614,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append(f"- {target['name']} {target['limit']}: measured "
                      f"{format_number(target['measured'], 1)}, {verdict}.")
     lines += [""]
-    lines += _profile_lines(throughput.get("profile") or {}, parameters["profile_s"])
+    profile = throughput.get("profile") or {}
+    lines += _profile_lines(profile, profile.get("sampled_s", parameters["profile_s"]))
     reproduce = reproduce_command(setup["commands"].get("argv"), "bench/results/overhead.json",
                                   setup["commands"]["reproduce"])
     machine = machine_paragraph(
@@ -686,7 +709,7 @@ def _profile_lines(profile: dict[str, Any], profile_s: float) -> list[str]:
     if not profile.get("samples"):
         return [wrap(f"No coordinator profile: {profile.get('error', 'py-spy was skipped')}."),
                 ""]
-    lines = [wrap(f"Where the coordinator's time goes: py-spy sampled it for {profile_s:g} s "
+    lines = [wrap(f"Where the coordinator's time goes: py-spy sampled it for {profile_s:.1f} s "
                    f"of the burst ({profile['samples']} samples, idle samples excluded). "
                    "Share of samples by the package of the running function:"), ""]
     lines += ["| package | share |", "| --- | --- |"]

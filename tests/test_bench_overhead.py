@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -138,6 +141,28 @@ def test_summarize_profile_empty(tmp_path: Path) -> None:
     profile.write_text("")
 
     assert overhead.summarize_profile(profile) == {"samples": 0}
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "py-spy").exists(),
+                    reason="py-spy is installed with the bench extra")
+def test_profiler_stops_with_burst(tmp_path: Path) -> None:
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: sum(range(1000))"])
+    try:
+        out = tmp_path / "profile.txt"
+        started = time.monotonic()
+        profiler = overhead._start_profiler(spinner.pid, 60.0, out)
+        assert profiler is not None
+        time.sleep(2.0)
+
+        sampled_s = overhead._stop_profiler(profiler, started)
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+    # Stopped long before its 60 s, with the samples written.
+    assert sampled_s < 30.0
+    assert profiler.returncode == 0
+    assert overhead.summarize_profile(out)["samples"] > 0
 
 
 def test_targets_need_every_hop() -> None:
