@@ -50,7 +50,7 @@ from bench.suite_support import (
     local_broker,
     machine_paragraph,
     progress,
-    reproduce_command,
+    run_commands,
     wrap,
 )
 from schemas.events import (
@@ -83,7 +83,6 @@ REPRODUCE = (
     ".venv/bin/slotforge bench overhead --out bench/results/overhead.json\n"
     ".venv/bin/python -m bench.render"
 )
-
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -171,8 +170,8 @@ def run(out: Path, args: argparse.Namespace) -> dict[str, Any]:
             progress(f"latency stream: {config.latency_jobs} jobs at {rate:.1f} jobs/s")
             schedule = _stream(config, rate)
             outcomes = run_until_sigterm(pipeline.replay(schedule, 120.0))
-            events = run_until_sigterm(_read_hop_events(pipeline, {request.job_id
-                                                                    for _, request in schedule}))
+            job_ids = {request.job_id for _, request in schedule}
+            events = run_until_sigterm(_read_hop_events(pipeline, job_ids))
             pipeline.check_alive()
 
     hops = hop_latencies(outcomes, events, config.slots_per_job)
@@ -559,11 +558,7 @@ def _setup(config: OverheadConfig, ready_s: float, wall_s: float) -> dict[str, A
             "profile_s": config.profile_s,
         },
         "ready_s": ready_s,
-        "commands": {
-            "reproduce": reproduce_command(["slotforge", *sys.argv[1:]],
-                                           "bench/results/overhead.json", REPRODUCE),
-            "argv": ["slotforge", *sys.argv[1:]],
-        },
+        "commands": run_commands("bench/results/overhead.json", REPRODUCE),
         "work_dir": str(config.work_dir),
         "wall_s": wall_s,
     }
@@ -616,14 +611,12 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += [""]
     profile = throughput.get("profile") or {}
     lines += _profile_lines(profile, profile.get("sampled_s", parameters["profile_s"]))
-    reproduce = reproduce_command(setup["commands"].get("argv"), "bench/results/overhead.json",
-                                  setup["commands"]["reproduce"])
     machine = machine_paragraph(
         setup, compare=f"absolute times are noisy (1-minute load average at the end: "
                        f"{setup['load_average_1m']:.1f})")
     lines += [
         wrap(machine),
-        "", "Reproduce:", "", "```", reproduce, "```", "",
+        "", "Reproduce:", "", "```", setup["commands"]["reproduce"], "```", "",
     ]
     return "\n".join(lines)
 

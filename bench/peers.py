@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -51,7 +50,7 @@ from bench.suite_support import (
     local_broker,
     machine_paragraph,
     progress,
-    reproduce_command,
+    run_commands,
     unique_job_schedule,
     wrap,
 )
@@ -277,10 +276,12 @@ def _run_slotforge(bootstrap_servers: str, config: PeersConfig, scenario: str,
     with PipelineRun(settings, config.workers, run_dir / "logs",
                      static_membership=True) as pipeline:
         ready_s = run_until_sigterm(pipeline.wait_ready())
-        outcomes = run_until_sigterm(_replay_slotforge(pipeline, config, scenario, schedule, kills))
+        outcomes = run_until_sigterm(
+            _replay_slotforge(pipeline, config, scenario, schedule, kills))
         load_average_1m = os.getloadavg()[0]
-        log = run_until_sigterm(pipeline.attempt_log({request.job_id for _, request in schedule},
-                                               settle_timeout_s=10.0 if kills else 30.0))
+        job_ids = {request.job_id for _, request in schedule}
+        log = run_until_sigterm(pipeline.attempt_log(
+            job_ids, settle_timeout_s=10.0 if kills else 30.0))
         pipeline.check_alive()
 
     ended = [outcome for outcome in outcomes if outcome.completed is not None]
@@ -516,11 +517,7 @@ def _setup(config: PeersConfig, window: Sequence[TraceRequest], window_s: float,
                      "arrival_window_s": window_s},
         "trace": {"file": config.trace.name, "window": "densest", "rows": len(window),
                   "span_s": window[-1].arrival_s if window else 0.0},
-        "commands": {
-            "reproduce": reproduce_command(["slotforge", *sys.argv[1:]],
-                                           "bench/results/peers.json", REPRODUCE),
-            "argv": ["slotforge", *sys.argv[1:]],
-        },
+        "commands": run_commands("bench/results/peers.json", REPRODUCE),
         "work_dir": str(config.work_dir),
         "wall_s": wall_s,
     }
@@ -646,11 +643,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += [wrap(paragraph), ""]
     lines += ["What the Celery baseline tuned, following Celery's documentation:", ""]
     lines += [f"- {item}" for item in setup["celery"]]
-    reproduce = reproduce_command(setup["commands"].get("argv"), "bench/results/peers.json",
-                                  setup["commands"]["reproduce"])
     machine = machine_paragraph(
         setup, software=f"redis-server {setup['redis_server']}",
         compare="compare the systems within one scenario, not absolute times across runs")
     lines += ["", wrap(machine), "", "Reproduce:", "", "```",
-              reproduce, "```", ""]
+              setup["commands"]["reproduce"], "```", ""]
     return "\n".join(lines)

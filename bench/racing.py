@@ -21,7 +21,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -52,7 +51,7 @@ from bench.suite_support import (
     local_broker,
     machine_paragraph,
     progress,
-    reproduce_command,
+    run_commands,
     unique_job_schedule,
     wrap,
 )
@@ -645,11 +644,7 @@ def _setup(config: RacingConfig, capacity: float, window: Sequence[TraceRequest]
         "trace": {"file": config.trace.name, "window": "densest", "rows": len(window),
                   "span_s": window[-1].arrival_s if window else 0.0,
                   "distinct_arrival_seconds": len({row.arrival_s for row in window})},
-        "commands": {
-            "reproduce": reproduce_command(["slotforge", *sys.argv[1:]],
-                                           "bench/results/racing.json", REPRODUCE),
-            "argv": ["slotforge", *sys.argv[1:]],
-        },
+        "commands": run_commands("bench/results/racing.json", REPRODUCE),
         "work_dir": str(config.work_dir),
         "wall_s": wall_s,
     }
@@ -672,12 +667,10 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines.append("")
     if results["cache"]:
         lines += _cache_section(results["cache"], setup)
-    reproduce = reproduce_command(setup["commands"].get("argv"), "bench/results/racing.json",
-                                  setup["commands"]["reproduce"])
     machine = machine_paragraph(
         setup, compare="compare policies within one load, not absolute times across runs")
     lines += [wrap(machine), "", "Reproduce:", "", "```",
-              reproduce, "```", ""]
+              setup["commands"]["reproduce"], "```", ""]
     if results.get("simulated"):
         lines += _simulated_section(results["simulated"])
     return "\n".join(lines)

@@ -66,6 +66,12 @@ def reproduce_command(argv: Sequence[str] | None, results_path: str, default: st
             ".venv/bin/python -m bench.render")
 
 
+def run_commands(results_path: str, default: str) -> dict[str, Any]:
+    """Return the ``commands`` record of this run: its command line and the Reproduce lines."""
+    argv = ["slotforge", *sys.argv[1:]]
+    return {"reproduce": reproduce_command(argv, results_path, default), "argv": argv}
+
+
 def progress(message: str) -> None:
     # Progress goes to stderr because a suite runs for minutes and stdout is the page.
     print(message, file=sys.stderr, flush=True)  # noqa: T201
