@@ -363,8 +363,8 @@ def _run_policy(bootstrap_servers: str, config: OverloadConfig, policy: str,
     with PipelineRun(settings, config.workers, run_dir / "logs") as pipeline:
         ready_s = _wait_ready(pipeline)
         with RssSampler(pipeline) as sampler:
-            outcomes = run_until_sigterm(pipeline.replay(schedule, max(config.deadlines_s.values())
-                                                   + 60.0))
+            replay_timeout_s = max(config.deadlines_s.values()) + 60.0
+            outcomes = run_until_sigterm(pipeline.replay(schedule, replay_timeout_s))
             job_ids = {request.job_id for _, request in schedule}
             log = run_until_sigterm(pipeline.attempt_log(job_ids))
         dispatched = run_until_sigterm(read_dispatches(settings.kafka, job_ids))

@@ -268,7 +268,7 @@ class PipelineRun:
         changelog = (f"{self.settings.kafka.topic_prefix}{self.settings.coordinator.app_id}"
                      "-flights-changelog")
         run_until_sigterm(_create_topics_with_leaders(self.settings.kafka,
-                                                [*self.settings.topics.all, changelog]))
+                                                      [*self.settings.topics.all, changelog]))
         self.processes.start("coordinator")
         self.processes.start("postprocess")
         for worker_id in self.worker_ids:

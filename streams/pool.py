@@ -42,7 +42,8 @@ class PoolMonitor:
         # Slots taken (+1) and freed (-1) on each worker, stamped by the worker's clock like
         # its status reports, so a report settles exactly the changes it already counts.
         self._slot_changes: dict[str, list[tuple[float, int]]] = {}
-        # Sum of each worker's kept changes, since every event reads the pool's busy slots.
+        # Sum of the deltas in each worker's list above, kept up to date because every event
+        # reads the pool's busy slots.
         self._moved: dict[str, int] = {}
         # The worker whose slot each started and not yet finished attempt occupies.
         self._holders: dict[str, str] = {}
@@ -66,9 +67,9 @@ class PoolMonitor:
         reported_at = status.emitted_at.timestamp()
         changes = self._slot_changes.get(status.worker_id)
         if changes:
-            kept = [change for change in changes if change[0] > reported_at]
-            self._slot_changes[status.worker_id] = kept
-            self._moved[status.worker_id] = sum(delta for _, delta in kept)
+            unsettled = [change for change in changes if change[0] > reported_at]
+            self._slot_changes[status.worker_id] = unsettled
+            self._moved[status.worker_id] = sum(delta for _, delta in unsettled)
 
     def slot_taken(self, worker_id: str, attempt_id: str, at_s: float) -> None:
         """Count a slot that ``attempt_id`` took on ``worker_id`` when it started at ``at_s``."""
@@ -102,7 +103,7 @@ class PoolMonitor:
         # A worker that stopped reporting keeps no report to settle its changes.
         if len(changes) > MAX_SLOT_CHANGES:
             del changes[:len(changes) - MAX_SLOT_CHANGES]
-            self._moved[worker_id] = sum(change for _, change in changes)
+            self._moved[worker_id] = sum(change_delta for _, change_delta in changes)
 
     def busy_of(self, worker_id: str) -> int:
         """Slots of ``worker_id`` generating now: its report, moved by later starts and ends."""

@@ -153,7 +153,7 @@ def test_report_settles_the_changes_it_counts() -> None:
     pool.slot_freed("w1", "a", _at(3.0))
     assert pool.busy_of("w1") == 1
 
-    # The report counts the two starts; only the later finish still moves it.
+    # The report counts the two starts, so only the later finish still moves it.
     pool.observe(_report(busy=2, at_s=2.5))
     assert pool.busy_of("w1") == 1
 
