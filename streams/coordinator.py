@@ -293,20 +293,27 @@ class Coordinator:
 
     async def _span_publisher(self) -> None:
         producer: AIOKafkaProducer = make_producer(self.settings.kafka)
-        await producer.start()
+        # faust starts this task as the worker becomes ready, so a stop can land while the
+        # producer connects. The shielded start lets the spans ended before the stop go out.
+        start = asyncio.ensure_future(producer.start())
         try:
+            await asyncio.shield(start)
             await self.tracing.publish_routine(producer)
         finally:
-            await self.tracing.flush(producer)
-            await producer.stop()
+            try:
+                await start
+                await self.tracing.flush(producer)
+            finally:
+                await producer.stop()
 
     async def _worker_status_routine(self) -> None:
         """Follow every worker's status reports, from all partitions, without a group."""
         topic = self.settings.topics.worker_status
         consumer = make_consumer(self.settings.kafka, group_id=None,
                                  auto_offset_reset="latest")
-        await consumer.start()
+        # Started inside the try, so a stop that lands while it connects still closes it.
         try:
+            await consumer.start()
             partitions = await topic_partitions(self.settings.kafka, topic)
             consumer.assign(partitions)
             await consumer.seek_to_end(*partitions)

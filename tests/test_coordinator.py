@@ -205,3 +205,24 @@ async def test_repeated_request_gets_outcome(settings: Settings, coordinator) ->
     envelope = {"event_id", "emitted_at"}
     assert again.model_dump(exclude=envelope) == first.model_dump(exclude=envelope)
     assert len(records) + len(dispatched) == 1
+
+
+async def test_span_publisher_stopped_while_starting(settings: Settings) -> None:
+    # A stop can reach the coordinator while its span producer is still connecting. The
+    # spans ended before the stop must reach the topic all the same.
+    import asyncio
+
+    from streams.coordinator import Coordinator
+
+    coordinator = Coordinator(settings)
+    with coordinator.tracing.tracer.start_as_current_span("before-stop"):
+        pass
+    publisher = asyncio.create_task(coordinator._span_publisher())
+    await asyncio.sleep(0)
+    publisher.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await publisher
+
+    async with TopicReader(settings.kafka, settings.topics.spans) as spans:
+        seen = await spans.wait_for(lambda records: len(records) >= 1, timeout_s=30)
+    assert [json.loads(record.value)["SpanName"] for record in seen] == ["before-stop"]
