@@ -693,7 +693,7 @@ def _simulated_section(simulated: dict[str, Any]) -> list[str]:
         "step of each attempt's latest progress report. As the workers do, an attempt "
         "reports step 1, then at most once every "
         f"{config.get('progress_min_interval_s', 0):g} s, and once more as soon as it "
-        "projects past its straggler threshold. "
+        "projects past its straggler threshold, when its worker also stops it. "
         "These delays are estimates, so compare policies within one load. The p99 range "
         "lists the p99 of each of five groups of replicates; GPU time counts every "
         "attempt's seconds on a slot, cancelled ones included.",

@@ -11,7 +11,8 @@ The pool is ``pool_slots`` slots fed by two FIFO queues of dispatched attempts, 
 first, as workers fetch a tier's follow-up topic before its first attempts. Kafka hops
 are fixed delays: from a dispatch decision to the queue, from a finished attempt to its
 verdict at the coordinator, and from a cancel decision to the freed slot. A cancelled
-attempt that no slot took yet is dropped from the queue without running.
+attempt that no slot took yet is dropped from the queue without running. As on the real
+workers, an attempt that projects past its dispatch's straggler threshold stops itself.
 
 NOTE: claims, leases, worker batching and Kafka partitions are not modelled, and the pool
 view is exact, where the coordinator's comes from worker status reports up to one
@@ -43,6 +44,7 @@ from schemas.events import (
 from streams.config import SimulationSettings
 from streams.flight import Decision, FlightLimits, FlightState, PoolView
 from streams.racing import (
+    STRAGGLER_ERROR_TYPE,
     STRAGGLER_MIN_STEPS,
     AcceptanceEstimator,
     AttemptRun,
@@ -54,7 +56,7 @@ from streams.trace_replay import TraceRequest, compress, to_job_request
 
 SIM_WORKER = "sim-worker"
 _EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
-_ENQUEUE, _FINISH, _SCORE, _CANCELLED, _DEADLINE, _ARRIVE, _CHECK = range(7)
+_ENQUEUE, _FINISH, _SCORE, _CANCELLED, _DEADLINE, _ARRIVE, _CHECK, _STOP = range(8)
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,8 @@ class RacingSimulation:
                 self._cancelled(item)
             elif kind == _DEADLINE:
                 self._deadline(item)
+            elif kind == _STOP:
+                self._stop(item)
             else:
                 self._check()
             self._start_queued()
@@ -292,6 +296,24 @@ class RacingSimulation:
                 attempt_id=attempt.attempt_id, job_id=attempt.job_id, job_key=attempt.job_key,
                 epoch=attempt.epoch, worker_id=SIM_WORKER, started_at=self._at())))
             self._push(self.now_s + attempt.service_s, _FINISH, (attempt, attempt.token))
+            stop_s = self._straggler_stop_s(attempt)
+            if stop_s is not None:
+                self._push(self.now_s + stop_s, _STOP, (attempt, attempt.token))
+
+    @staticmethod
+    def _straggler_stop_s(attempt: _Attempt) -> float | None:
+        """Return the seconds after its start at which the worker stops a straggler, or None.
+
+        The worker judges at the first step the rule allows, as in ``last_report_step``.
+        Simulated steps take equal time, so no later step can change the verdict.
+        """
+        judged = 1 + STRAGGLER_MIN_STEPS
+        if attempt.straggler_remaining_s is None or attempt.steps <= judged:
+            return None
+        step_s = attempt.service_s / attempt.steps
+        if step_s * (attempt.steps - judged) <= attempt.straggler_remaining_s:
+            return None
+        return judged * step_s
 
     def _release(self, attempt: _Attempt) -> float:
         assert attempt.started_s is not None
@@ -318,6 +340,20 @@ class RacingSimulation:
             slot=0, artifact_uri=uri, gpu_s=gpu_s), self._at(), self.limits,
             self._pool(flight)))
         self._push(self.now_s + self.config.score_delay_s, _SCORE, attempt)
+
+    def _stop(self, item: tuple[_Attempt, int]) -> None:
+        attempt, token = item
+        if token != attempt.token or attempt.attempt_id not in self.running:
+            return
+        gpu_s = self._release(attempt)
+        label = "straggler stopped by its worker"
+        self.cancel_reasons[label] = self.cancel_reasons.get(label, 0) + 1
+        flight = self.flights[attempt.job_key]
+        self._apply(flight, flight.on_finished(AttemptFinished(
+            attempt_id=attempt.attempt_id, job_id=attempt.job_id, job_key=attempt.job_key,
+            epoch=attempt.epoch, worker_id=SIM_WORKER, status=AttemptStatus.CANCELLED,
+            slot=0, gpu_s=gpu_s, error="straggler", error_type=STRAGGLER_ERROR_TYPE),
+            self._at(), self.limits, self._pool(flight)))
 
     def _score(self, attempt: _Attempt) -> None:
         flight = self.flights[attempt.job_key]

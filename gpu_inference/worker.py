@@ -76,7 +76,7 @@ from streams.kafka import (
     topic_partitions,
 )
 from streams.metrics import ATTEMPTS_IN_FLIGHT, SLOT_UTILIZATION, lag_routine
-from streams.racing import AttemptRun, is_straggling
+from streams.racing import STRAGGLER_ERROR_TYPE, AttemptRun, is_straggling
 from streams.service import serve
 from streams.tracing import Tracing, extract_context, inject_headers, record_wait, stage_span
 
@@ -741,11 +741,16 @@ class GpuWorker:
             # Runs on the slot's thread; the queue belongs to the event loop.
             now_s = time.monotonic()
             due = step % every == 0 and now_s - last_sent_s >= min_interval_s
-            if not due and first is not None and straggler_s is not None and is_straggling(
-                    AttemptRun(now_s - first[1], step - first[0], total - first[0]),
-                    straggler_s):
-                # Reported once, so the coordinator can replace it without waiting.
+            run = None if first is None else AttemptRun(now_s - first[1], step - first[0],
+                                                          total - first[0])
+            if run is not None and straggler_s is not None and is_straggling(run, straggler_s):
+                # Reported at once so the coordinator dispatches a replacement, and stopped
+                # here so the slot frees before the coordinator's cancel arrives.
                 due = True
+                attempt.request_cancel(
+                    f"straggler: {run.remaining_s() or 0.0:.2f} s left after {run.steps_done} "
+                    f"of {run.total_steps} steps, threshold {straggler_s:.2f} s",
+                    error_type=STRAGGLER_ERROR_TYPE, retriable=True)
                 straggler_s = None
             if due or step == total:
                 last_sent_s = now_s

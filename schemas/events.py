@@ -204,7 +204,7 @@ class AttemptDispatched(_Event):
     # Dispatched after the job's first attempts: a retry, a replacement or a re-dispatch.
     followup: bool = False
     # Projected remaining seconds past which the coordinator replaces this attempt. A
-    # worker whose projection passes it reports progress at once, between regular reports.
+    # worker whose projection passes it reports progress at once and stops the attempt.
     straggler_remaining_s: float | None = Field(default=None, gt=0)
     # Set when the coordinator granted the lease with the dispatch, to a worker it saw with
     # a free slot. That worker runs the attempt without claiming it while the lease lasts.

@@ -42,6 +42,7 @@ from schemas.events import (
     attempt_id_for,
 )
 from streams.racing import (
+    STRAGGLER_ERROR_TYPE,
     AttemptRun,
     RaceInputs,
     RacingPolicy,
@@ -495,6 +496,10 @@ class FlightState(BaseModel):
             "cancelled" if event.status == AttemptStatus.CANCELLED else "failed")
         record.error = event.error
         job = self.jobs.get(record.job_id)
+        if outcome == "cancelled" and event.error_type == STRAGGLER_ERROR_TYPE \
+                and job is not None and job.running:
+            # The worker stopped a straggler before this flight's own check saw it.
+            self._refund_straggler(job)
         if outcome == "failed" and limits.max_retries_per_attempt > 0 and job is not None \
                 and job.running:
             return self._on_failed(job, record, event, now, limits, pool)
@@ -705,13 +710,18 @@ class FlightState(BaseModel):
         for attempt_id in stragglers(runs, pool.typical_service_s):
             run = runs[attempt_id]
             record = self.attempts[attempt_id]
-            job = self.jobs[record.job_id]
-            job.stragglers_replaced += 1
-            job.attempts_charged -= 1
+            self._refund_straggler(self.jobs[record.job_id])
             reason = (f"straggler: {run.remaining_s() or 0.0:.2f} s left after "
                       f"{run.steps_done} of {run.total_steps} steps")
             cancels.append(self._cancel(record, reason))
         return cancels
+
+    @staticmethod
+    def _refund_straggler(job: JobRecord) -> None:
+        """Give a replaced straggler's attempt back to its job, up to the job's attempt limit."""
+        if job.stragglers_replaced < job.attempt_limit:
+            job.stragglers_replaced += 1
+            job.attempts_charged -= 1
 
     def _has_live_attempts(self, job_id: str) -> bool:
         return any(record.job_id == job_id for record in self.live_attempts())

@@ -21,8 +21,8 @@ from schemas.events import (
     JobStatus,
     ResultScored,
 )
-from streams.flight import Decision, FlightLimits, FlightState, PoolView
-from streams.racing import AttemptRun, RacingPolicy
+from streams.flight import Decision, FlightLimits, FlightState, JobRecord, PoolView
+from streams.racing import STRAGGLER_ERROR_TYPE, AttemptRun, RacingPolicy
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 SEQUENTIAL = FlightLimits(max_attempts_per_slot=3, policy=RacingPolicy.SEQUENTIAL)
@@ -569,6 +569,61 @@ def test_straggler_cancel_accounts_gpu() -> None:
 
     assert flight.attempts[first.attempt_id].gpu_s == 1.0
     assert [outcome for _, outcome in confirmed.outcomes] == ["cancelled"]
+
+
+def _running_straggler() -> tuple[FlightState, AttemptDispatched, JobRecord, PoolView]:
+    """Admit a one-slot job whose first attempt runs as a straggler."""
+    flight, decision = _admit(_request(slots=1), ADAPTIVE)
+    first = decision.dispatch[0]
+    return flight, first, flight.jobs[first.job_id], _straggling(flight, first)
+
+
+def _stopped_as_straggler(flight: FlightState, attempt: AttemptDispatched,
+                          pool: PoolView) -> Decision:
+    event = AttemptFinished(
+        attempt_id=attempt.attempt_id, job_id=attempt.job_id, job_key=attempt.job_key,
+        epoch=attempt.epoch, worker_id="w", status=AttemptStatus.CANCELLED, slot=attempt.slot,
+        gpu_s=0.1, error="straggler: 2.70 s left", error_type=STRAGGLER_ERROR_TYPE,
+        retriable=True,
+    )
+    return flight.on_finished(event, NOW, ADAPTIVE, pool)
+
+
+def test_worker_stopped_straggler_refunded() -> None:
+    flight, first, job, pool = _running_straggler()
+    charged = job.attempts_charged
+
+    result = _stopped_as_straggler(flight, first, pool)
+
+    assert [outcome for _, outcome in result.outcomes] == ["cancelled"]
+    assert len(result.dispatch) == 1
+    assert job.attempts_charged == charged
+    assert job.stragglers_replaced == 1
+
+
+def test_straggler_refunded_once() -> None:
+    flight, first, job, pool = _running_straggler()
+    flight.replan(NOW, ADAPTIVE, pool)
+    charged = job.attempts_charged
+
+    result = _stopped_as_straggler(flight, first, pool)
+
+    assert result.dispatch == []
+    assert job.attempts_charged == charged
+    assert job.stragglers_replaced == 1
+
+
+def test_worker_stopped_straggler_refunds_bounded() -> None:
+    flight, first, job, pool = _running_straggler()
+    job.stragglers_replaced = job.attempt_limit
+    charged = job.attempts_charged
+
+    result = _stopped_as_straggler(flight, first, pool)
+
+    # The stop is charged like any cancelled attempt, and the replacement once more.
+    assert len(result.dispatch) == 1
+    assert job.stragglers_replaced == job.attempt_limit
+    assert job.attempts_charged == charged + 1
 
 
 def test_nearly_done_surplus_fills_cache() -> None:

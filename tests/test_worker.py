@@ -33,6 +33,7 @@ from schemas.events import (
 )
 from streams.config import Settings
 from streams.kafka import group_lag, header_value
+from streams.racing import STRAGGLER_ERROR_TYPE
 from tests.kafka_helpers import ClaimGranter, TopicReader, produce
 
 pytestmark = pytest.mark.integration
@@ -260,7 +261,7 @@ async def test_heartbeats_throttled_by_interval(settings: Settings) -> None:
     assert _finished(events.records)[0].status == AttemptStatus.SUCCEEDED
 
 
-async def test_straggler_reports_early(settings: Settings) -> None:
+async def test_straggler_reports_and_stops(settings: Settings) -> None:
     settings = _with_worker(settings, progress_min_interval_s=3600.0)
     # Every run projects past this threshold once two steps after its first report are done.
     attempt = _dispatch(steps=6).model_copy(update={"straggler_remaining_s": 1e-6})
@@ -270,11 +271,18 @@ async def test_straggler_reports_early(settings: Settings) -> None:
             await _send(settings, attempt)
             await events.wait_for(_count_finished(1), timeout_s=120)
 
-    progress = [event for event in _events(events.records) if isinstance(event, AttemptProgress)]
-    # The straggler report comes once, at the first step the rule may judge.
-    assert [event.step for event in progress] == [1, 3, 6]
+    seen = _events(events.records)
+    progress = [event for event in seen if isinstance(event, AttemptProgress)]
+    # The straggler report comes once, at the first step the rule may judge, and the
+    # worker stops the attempt there instead of waiting for the coordinator's cancel.
+    assert [event.step for event in progress] == [1, 3]
     stamps = [event.emitted_at for event in progress]
     assert stamps == sorted(stamps)
+    [finished] = _finished(events.records)
+    assert finished.status == AttemptStatus.CANCELLED
+    assert finished.error_type == STRAGGLER_ERROR_TYPE
+    assert finished.retriable
+    assert seen.index(finished) > seen.index(progress[-1])
 
 
 async def test_higher_epoch_supersedes_running(settings: Settings) -> None:
