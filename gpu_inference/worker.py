@@ -113,6 +113,9 @@ class _Attempt:
     generation_context: otel_context.Context | None = None
     # The task that runs the attempt, which a run under a higher epoch waits for.
     task: asyncio.Task[None] | None = None
+    # Given up unclaimed by a stopping worker: its records stay uncommitted, so the
+    # partition's next owner claims the attempt again.
+    released: bool = False
 
     def request_cancel(self, reason: str, *, error_type: str, retriable: bool) -> None:
         """Set the cancel flag; the first request wins, later ones are ignored."""
@@ -261,6 +264,8 @@ class GpuWorker:
         self._cancelled_queued: dict[tuple[str, int], None] = {}
         # Claims waiting for the coordinator's decision, by attempt id and epoch.
         self._claims: dict[tuple[str, int], asyncio.Future[ClaimDecision]] = {}
+        # Set once the worker stops, so no new claim goes out.
+        self._stopping = False
         self.control: AIOKafkaConsumer = make_consumer(settings.kafka, group_id=None,
                                                        auto_offset_reset="latest")
 
@@ -440,6 +445,9 @@ class GpuWorker:
                              job_key=event.job_key, epoch=event.epoch, worker_id=self.worker_id)
         try:
             while time.time() < stop_at and not attempt.cancel.is_set():
+                if self._stopping:
+                    attempt.released = True
+                    return None
                 waiter = self._claims.setdefault(
                     key, asyncio.get_running_loop().create_future())
                 await self.producer.send_and_wait(
@@ -476,6 +484,7 @@ class GpuWorker:
 
     async def _drain(self) -> None:
         """Give running attempts the grace period, then cancel the rest through their flags."""
+        self._release_unclaimed()
         tasks = set(self._tasks)
         if not tasks:
             return
@@ -496,6 +505,25 @@ class GpuWorker:
                 "worker is shutting down", error_type="cancelled", retriable=True
             )
         await asyncio.wait(pending)
+
+    def _release_unclaimed(self) -> None:
+        """Give up the attempts still waiting for a claim decision, which have no lease.
+
+        Without this a stop waited the whole grace period for claim decisions that a
+        stopped coordinator never sends.
+        """
+        self._stopping = True
+        for (attempt_id, epoch), waiter in list(self._claims.items()):
+            attempt = self._running.get(attempt_id)
+            if attempt is None or attempt.event.epoch != epoch or waiter.done():
+                continue
+            attempt.released = True
+            logger.info("Releasing attempt %s (epoch %d) of job %s unclaimed: the worker is "
+                        "stopping", attempt_id, epoch, attempt.event.job_id)
+            waiter.set_result(ClaimDecision(
+                attempt_id=attempt_id, job_id=attempt.event.job_id,
+                job_key=attempt.event.job_key, epoch=epoch, worker_id=self.worker_id,
+                granted=False, reason="worker is stopping"))
 
     async def _take(
         self, record: ConsumerRecord[bytes, bytes], attempts: asyncio.TaskGroup
@@ -617,6 +645,8 @@ class GpuWorker:
         finally:
             self._running.pop(event.attempt_id, None)
             self.fetcher.wake()
+        if attempt.released:
+            return
         for record in attempt.records:
             self.fetcher.finish(record)
 

@@ -269,6 +269,10 @@ class Coordinator:
         if settings.metrics.port:
             self.app.task(self._own_lag_routine)
 
+    def close(self) -> None:
+        """Remove faust's temporary data folder; call it once the faust worker has stopped."""
+        self._data_dir.cleanup()
+
     async def create_changelog(self) -> None:
         """Create the table's changelog topic before the faust worker starts.
 
@@ -1383,6 +1387,7 @@ def main() -> int:
     except (ConfigurationError, KafkaConnectionError) as err:
         configure_logging(settings.log_level)
         logger.error("Coordinator failed: %s", start_failure(settings, err))
+        coordinator.close()
         return 2
     # faust spells the warning level "warn".
     loglevel = settings.log_level.lower().replace("warning", "warn")
@@ -1391,7 +1396,11 @@ def main() -> int:
                    f" racing policy {settings.coordinator.racing_policy}")
     worker = _CoordinatorWorker(coordinator.app, loglevel=loglevel, quiet=True,
                                 stop_timeout_s=settings.stop_timeout_s, description=description)
-    worker.execute_from_commandline()
+    try:
+        worker.execute_from_commandline()
+    finally:
+        # Removed here rather than at interpreter exit, which warns about it.
+        coordinator.close()
     return 0
 
 

@@ -88,6 +88,8 @@ class ClaimGranter:
         self.settings = settings
         self.topics = settings.topics
         self.holders: dict[tuple[str, int], str] = {}
+        # Cleared to leave claims unanswered, like a coordinator that is down.
+        self.answering = True
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> ClaimGranter:
@@ -114,6 +116,8 @@ class ClaimGranter:
                 try:
                     claim = decode_event(record.value, AttemptClaim)
                 except Exception:  # noqa: BLE001 - other event types share the topic
+                    continue
+                if not self.answering:
                     continue
                 holder = self.holders.setdefault((claim.attempt_id, claim.epoch),
                                                  claim.worker_id)

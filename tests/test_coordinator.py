@@ -226,3 +226,26 @@ async def test_span_publisher_stopped_while_starting(settings: Settings) -> None
     async with TopicReader(settings.kafka, settings.topics.spans) as spans:
         seen = await spans.wait_for(lambda records: len(records) >= 1, timeout_s=30)
     assert [json.loads(record.value)["SpanName"] for record in seen] == ["before-stop"]
+
+
+async def test_stopped_coordinator_removes_data_folder(settings: Settings,
+                                                       service_env: dict[str, str],
+                                                       tmp_path: Path) -> None:
+    from schemas.events import Tier
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    group = ProcessGroup(tmp_path / "logs", {**service_env, "TMPDIR": str(scratch)})
+    group.start("coordinator")
+    try:
+        async with SlotforgeClient(settings.kafka) as client, \
+                TopicReader(settings.kafka, settings.topics.attempts(Tier.STANDARD)) as attempts:
+            await client.submit(_request(slots=1))
+            await attempts.wait_for(lambda seen: len(seen) >= 1, timeout_s=120)
+        # faust's data folder exists while the coordinator runs.
+        assert list(scratch.iterdir()) != []
+        assert group.stop(group.processes[0]) == 0
+    finally:
+        group.stop_all()
+
+    assert list(scratch.iterdir()) == []

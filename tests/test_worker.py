@@ -285,6 +285,28 @@ async def test_straggler_reports_and_stops(settings: Settings) -> None:
     assert seen.index(finished) > seen.index(progress[-1])
 
 
+async def test_stop_releases_unclaimed_attempts(settings: Settings,
+                                                claims: ClaimGranter) -> None:
+    claims.answering = False
+    attempt = _dispatch()
+    topic = settings.topics.attempts(attempt.tier)
+
+    async with TopicReader(settings.kafka, settings.topics.coordinator_events) as events:
+        async with _running(worker.run, settings):
+            await _send(settings, attempt)
+            await events.wait_for(
+                lambda seen: any(b'"attempt.claim"' in record.value for record in seen),
+                timeout_s=120)
+            stopping_s = time.monotonic()
+        stopped_s = time.monotonic() - stopping_s
+
+    # The grace period for running attempts is 30 s, and an unclaimed attempt has no slot.
+    assert stopped_s < 15.0
+    assert _finished(events.records) == []
+    # The record stays uncommitted, so the partition's next owner claims the attempt again.
+    assert await group_lag(settings.kafka, settings.worker.group_id, topic) == 1
+
+
 async def test_higher_epoch_supersedes_running(settings: Settings) -> None:
     first = _dispatch(steps=40)
     second = first.model_copy(update={"epoch": 2})
