@@ -265,7 +265,8 @@ class RacingSimulation:
             service_s, accepted, _, _ = self.runner._draw(dispatch.seed)  # noqa: SLF001
             score = random.Random(dispatch.seed).random() / 2 + (0.5 if accepted else 0.0)
             threshold_s = None
-            if self.limits.policy is RacingPolicy.ADAPTIVE:
+            if self.limits.policy is RacingPolicy.ADAPTIVE and flight.replaces_stragglers(
+                    dispatch.job_id):
                 threshold_s = straggler_threshold_s(self.service_times.median_s("sim"))
             attempt = _Attempt(dispatch.attempt_id, dispatch.epoch, flight.job_key,
                                dispatch.job_id, dispatch.seed, service_s, accepted, score,
@@ -346,8 +347,9 @@ class RacingSimulation:
         if token != attempt.token or attempt.attempt_id not in self.running:
             return
         gpu_s = self._release(attempt)
-        label = "straggler stopped by its worker"
-        self.cancel_reasons[label] = self.cancel_reasons.get(label, 0) + 1
+        if not attempt.cancelled:
+            label = "straggler stopped by its worker"
+            self.cancel_reasons[label] = self.cancel_reasons.get(label, 0) + 1
         flight = self.flights[attempt.job_key]
         self._apply(flight, flight.on_finished(AttemptFinished(
             attempt_id=attempt.attempt_id, job_id=attempt.job_id, job_key=attempt.job_key,

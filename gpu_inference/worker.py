@@ -103,6 +103,7 @@ class _Attempt:
     records: list[ConsumerRecord[bytes, bytes]]
     context: otel_context.Context
     cancel: threading.Event = field(default_factory=threading.Event)
+    cancel_lock: threading.Lock = field(default_factory=threading.Lock)
     cancel_reason: str = ""
     cancel_error_type: str = "cancelled"
     # Whether another worker should run the attempt again after this one cancels it.
@@ -113,17 +114,19 @@ class _Attempt:
     generation_context: otel_context.Context | None = None
     # The task that runs the attempt, which a run under a higher epoch waits for.
     task: asyncio.Task[None] | None = None
-    # Given up unclaimed by a stopping worker: its records stay uncommitted, so the
-    # partition's next owner claims the attempt again.
+    # Given up unclaimed by a stopping worker, which reports it cancelled so the flight
+    # replaces it at once.
     released: bool = False
 
     def request_cancel(self, reason: str, *, error_type: str, retriable: bool) -> None:
         """Set the cancel flag; the first request wins, later ones are ignored."""
-        if not self.cancel.is_set():
-            self.cancel_reason = reason
-            self.cancel_error_type = error_type
-            self.cancel_retriable = retriable
-            self.cancel.set()
+        # The slot thread (deadline, straggler) and the event loop (cancels) both call this.
+        with self.cancel_lock:
+            if not self.cancel.is_set():
+                self.cancel_reason = reason
+                self.cancel_error_type = error_type
+                self.cancel_retriable = retriable
+                self.cancel.set()
 
 
 @dataclass
@@ -518,8 +521,6 @@ class GpuWorker:
             if attempt is None or attempt.event.epoch != epoch or waiter.done():
                 continue
             attempt.released = True
-            logger.info("Releasing attempt %s (epoch %d) of job %s unclaimed: the worker is "
-                        "stopping", attempt_id, epoch, attempt.event.job_id)
             waiter.set_result(ClaimDecision(
                 attempt_id=attempt_id, job_id=attempt.event.job_id,
                 job_key=attempt.event.job_key, epoch=epoch, worker_id=self.worker_id,
@@ -645,8 +646,6 @@ class GpuWorker:
         finally:
             self._running.pop(event.attempt_id, None)
             self.fetcher.wake()
-        if attempt.released:
-            return
         for record in attempt.records:
             self.fetcher.finish(record)
 
@@ -666,6 +665,9 @@ class GpuWorker:
                     decision = await self._claim(attempt, event.deadline_at.timestamp())
                 claim_span.set_attribute("slotforge.claim.granted",
                                          decision is not None and decision.granted)
+            if attempt.released:
+                await self._hand_back(attempt, span, headers)
+                return
             if decision is None or not decision.granted:
                 reason = decision.reason if decision is not None else "no claim decision"
                 logger.info("Not running attempt %s (epoch %d) of job %s: %s",
@@ -675,6 +677,20 @@ class GpuWorker:
                 return
         # Past its deadline the attempt never runs, so reporting that needs no lease.
         await self._run_claimed(attempt, span, headers)
+
+    async def _hand_back(self, attempt: _Attempt, span: Span, headers: Headers) -> None:
+        """Report a released attempt cancelled, so the flight replaces it without waiting.
+
+        The coordinator may still grant the claim this worker sent, and that lease would hold
+        the attempt until it expires. The cancel after it ends the attempt instead.
+        """
+        event = attempt.event
+        logger.info("Handing back attempt %s (epoch %d) of job %s unclaimed: the worker is "
+                    "stopping", event.attempt_id, event.epoch, event.job_id)
+        span.set_attribute("slotforge.status", "released")
+        await self._publish_finished(attempt, _Outcome(
+            status=AttemptStatus.CANCELLED, error_type="cancelled",
+            error="the worker stopped before the claim was decided", retriable=True), headers)
 
     async def _run_claimed(self, attempt: _Attempt, span: Span, headers: Headers) -> None:
         # Claimed-ahead attempts wait here for a GPU slot. attempt.started goes out only
@@ -775,7 +791,7 @@ class GpuWorker:
                                                           total - first[0])
             if run is not None and straggler_s is not None and is_straggling(run, straggler_s):
                 # Reported at once so the coordinator dispatches a replacement, and stopped
-                # here so the slot frees before the coordinator's cancel arrives.
+                # at the next step instead of when the coordinator's cancel arrives.
                 due = True
                 attempt.request_cancel(
                     f"straggler: {run.remaining_s() or 0.0:.2f} s left after {run.steps_done} "

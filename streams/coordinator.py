@@ -132,6 +132,10 @@ class _Routed(NamedTuple):
     partition: int | None
 
 
+# Seconds a stop waits for a span producer that is still connecting, so its spans go out.
+SPAN_PRODUCER_START_S = 10.0
+
+
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -305,7 +309,11 @@ class Coordinator:
             await self.tracing.publish_routine(producer)
         finally:
             try:
-                await start
+                await asyncio.wait_for(asyncio.shield(start), SPAN_PRODUCER_START_S)
+            except Exception as err:  # noqa: BLE001 - the stop goes on without the spans
+                logger.warning("Dropping the coordinator's unpublished spans: the span producer "
+                               "failed to start: %r", err)
+            else:
                 await self.tracing.flush(producer)
             finally:
                 await producer.stop()
@@ -1111,7 +1119,8 @@ class Coordinator:
             self.service_times.median_s(class_of(flight.params)))
         now = _utc_now()
         for attempt in decision.dispatch:
-            if self.limits.policy is RacingPolicy.ADAPTIVE and threshold_s is not None:
+            if self.limits.policy is RacingPolicy.ADAPTIVE and threshold_s is not None \
+                    and flight.replaces_stragglers(attempt.job_id):
                 attempt = attempt.model_copy(update={"straggler_remaining_s": threshold_s})
             worker_id, partition, free = self._affinity_partition(attempt)
             if free and worker_id is not None and self.settings.coordinator.grant_at_dispatch:

@@ -716,6 +716,15 @@ class FlightState(BaseModel):
             cancels.append(self._cancel(record, reason))
         return cancels
 
+    def replaces_stragglers(self, job_id: str) -> bool:
+        """Check whether the job may still replace a straggler with a refund.
+
+        Dispatches of a job past this limit carry no straggler threshold, because a worker
+        that stopped one would cost the job an attempt.
+        """
+        job = self.jobs.get(job_id)
+        return job is not None and job.stragglers_replaced < job.attempt_limit
+
     @staticmethod
     def _refund_straggler(job: JobRecord) -> None:
         """Give a replaced straggler's attempt back to its job, up to the job's attempt limit."""

@@ -40,8 +40,8 @@ STRAGGLER_MIN_STEPS = 2
 # A replacement first waits for its dispatch, claim and start, tens of milliseconds on a
 # local broker, so an attempt with less than this left is never worth replacing.
 STRAGGLER_MIN_REMAINING_S = 0.1
-# The error type of an attempt that its worker stopped as a straggler. The flight treats it
-# as its own straggler replacement, so the stop does not count against the job's attempts.
+# The error type of an attempt that its worker stopped as a straggler. The flight refunds it
+# as its own straggler replacement, within the same limit of refunds per job.
 STRAGGLER_ERROR_TYPE = "straggler"
 # A surplus attempt this close to done, in typical service times, may finish into the cache.
 FINISH_INTO_CACHE_FACTOR = 0.5

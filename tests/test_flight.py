@@ -626,6 +626,16 @@ def test_worker_stopped_straggler_refunds_bounded() -> None:
     assert job.attempts_charged == charged + 1
 
 
+def test_refund_limit_ends_straggler_thresholds() -> None:
+    flight, first, job, _ = _running_straggler()
+    assert flight.replaces_stragglers(first.job_id)
+
+    job.stragglers_replaced = job.attempt_limit
+
+    assert not flight.replaces_stragglers(first.job_id)
+    assert not flight.replaces_stragglers("unknown job")
+
+
 def test_nearly_done_surplus_fills_cache() -> None:
     flight, decision = _admit(_request(slots=1), ADAPTIVE)
     first, second = decision.dispatch

@@ -285,8 +285,8 @@ async def test_straggler_reports_and_stops(settings: Settings) -> None:
     assert seen.index(finished) > seen.index(progress[-1])
 
 
-async def test_stop_releases_unclaimed_attempts(settings: Settings,
-                                                claims: ClaimGranter) -> None:
+async def test_stop_hands_back_unclaimed_attempts(settings: Settings,
+                                                 claims: ClaimGranter) -> None:
     claims.answering = False
     attempt = _dispatch()
     topic = settings.topics.attempts(attempt.tier)
@@ -299,12 +299,16 @@ async def test_stop_releases_unclaimed_attempts(settings: Settings,
                 timeout_s=120)
             stopping_s = time.monotonic()
         stopped_s = time.monotonic() - stopping_s
+        await events.wait_for(_count_finished(1), timeout_s=30)
 
     # The grace period for running attempts is 30 s, and an unclaimed attempt has no slot.
     assert stopped_s < 15.0
-    assert _finished(events.records) == []
-    # The record stays uncommitted, so the partition's next owner claims the attempt again.
-    assert await group_lag(settings.kafka, settings.worker.group_id, topic) == 1
+    # Reported cancelled, so the flight replaces it without waiting for a lease to expire.
+    [finished] = _finished(events.records)
+    assert finished.status == AttemptStatus.CANCELLED
+    assert finished.retriable
+    assert finished.gpu_s == 0.0
+    assert await group_lag(settings.kafka, settings.worker.group_id, topic) == 0
 
 
 async def test_higher_epoch_supersedes_running(settings: Settings) -> None:
