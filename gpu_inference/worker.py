@@ -76,7 +76,7 @@ from streams.kafka import (
     topic_partitions,
 )
 from streams.metrics import ATTEMPTS_IN_FLIGHT, SLOT_UTILIZATION, lag_routine
-from streams.racing import STRAGGLER_ERROR_TYPE, AttemptRun, is_straggling
+from streams.racing import STRAGGLER_ERROR_TYPE, AttemptRun, is_straggling, straggler_reason
 from streams.service import serve
 from streams.tracing import Tracing, extract_context, inject_headers, record_wait, stage_span
 
@@ -794,8 +794,7 @@ class GpuWorker:
                 # at the next step instead of when the coordinator's cancel arrives.
                 due = True
                 attempt.request_cancel(
-                    f"straggler: {run.remaining_s() or 0.0:.2f} s left after {run.steps_done} "
-                    f"of {run.total_steps} steps, threshold {straggler_s:.2f} s",
+                    f"{straggler_reason(run)}, threshold {straggler_s:.2f} s",
                     error_type=STRAGGLER_ERROR_TYPE, retriable=True)
                 straggler_s = None
             if due or step == total:

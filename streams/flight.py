@@ -47,6 +47,7 @@ from streams.racing import (
     RaceInputs,
     RacingPolicy,
     attempts_to_launch,
+    straggler_reason,
     stragglers,
     worth_finishing,
 )
@@ -187,6 +188,11 @@ class JobRecord(BaseModel):
     @property
     def budget_left(self) -> int:
         return max(0, self.attempt_limit - self.attempts_charged) if self.running else 0
+
+    @property
+    def straggler_refunds_left(self) -> bool:
+        """Whether a replaced straggler's attempt is still given back, up to the attempt limit."""
+        return self.stragglers_replaced < self.attempt_limit
 
 
 class FlightState(BaseModel):
@@ -704,16 +710,14 @@ class FlightState(BaseModel):
             job = self.jobs.get(record.job_id) if record is not None else None
             if record is None or job is None or record.phase != "running":
                 continue
-            if job.running and job.stragglers_replaced < job.attempt_limit:
+            if job.running and job.straggler_refunds_left:
                 runs[attempt_id] = run
         cancels = []
         for attempt_id in stragglers(runs, pool.typical_service_s):
             run = runs[attempt_id]
             record = self.attempts[attempt_id]
             self._refund_straggler(self.jobs[record.job_id])
-            reason = (f"straggler: {run.remaining_s() or 0.0:.2f} s left after "
-                      f"{run.steps_done} of {run.total_steps} steps")
-            cancels.append(self._cancel(record, reason))
+            cancels.append(self._cancel(record, straggler_reason(run)))
         return cancels
 
     def replaces_stragglers(self, job_id: str) -> bool:
@@ -723,12 +727,12 @@ class FlightState(BaseModel):
         that stopped one would cost the job an attempt.
         """
         job = self.jobs.get(job_id)
-        return job is not None and job.stragglers_replaced < job.attempt_limit
+        return job is not None and job.straggler_refunds_left
 
     @staticmethod
     def _refund_straggler(job: JobRecord) -> None:
         """Give a replaced straggler's attempt back to its job, up to the job's attempt limit."""
-        if job.stragglers_replaced < job.attempt_limit:
+        if job.straggler_refunds_left:
             job.stragglers_replaced += 1
             job.attempts_charged -= 1
 

@@ -146,6 +146,12 @@ def stragglers(runs: Mapping[str, AttemptRun], typical_service_s: float | None,
             if is_straggling(run, threshold_s, min_steps)]
 
 
+def straggler_reason(run: AttemptRun) -> str:
+    """Return the cancel reason of a straggler, with its projection and its steps."""
+    return (f"straggler: {run.remaining_s() or 0.0:.2f} s left after {run.steps_done} of "
+            f"{run.total_steps} steps")
+
+
 def straggler_threshold_s(typical_service_s: float | None,
                           factor: float = STRAGGLER_FACTOR) -> float | None:
     """Return the projected remaining time past which an attempt is a straggler.
